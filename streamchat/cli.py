@@ -1,0 +1,278 @@
+"""Command line: parse arguments, call the core, print text or one JSON document, map errors to exit codes.
+
+Exit codes: 0 success, 2 bad input or usage (one line on stderr), 1 anything else (one line; the
+traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+DESCRIPTION = "Chat with a video while it is being encoded into Qwen2.5-VL's KV cache."
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def add_video_options(p: argparse.ArgumentParser) -> None:
+    from .video import Sampling
+
+    d = Sampling()
+    g = p.add_argument_group("video sampling")
+    g.add_argument("--fps", type=float, default=None, help=f"frames per second to sample (default: {d.fps}, what Qwen2.5-VL saw in training)")
+    g.add_argument("--stride", type=int, default=None, help="take every k-th decoded frame instead of --fps (default: off)")
+    g.add_argument("--start", type=float, default=0.0, help="start at this second of the video (default: 0)")
+    g.add_argument("--duration", type=float, default=None, help="seconds of video to use (default: to the end)")
+    g.add_argument("--max-frames", type=int, default=None, help="sample at most this many frames (default: no limit)")
+    g.add_argument("--max-pixels", type=int, default=d.max_pixels, help=f"per-frame pixel budget, upper bound (default: {d.max_pixels})")
+    g.add_argument("--min-pixels", type=int, default=d.min_pixels, help=f"per-frame pixel budget, lower bound (default: {d.min_pixels})")
+
+
+def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop") -> None:
+    from .config import SessionConfig
+    from .models import DEFAULT_MODEL
+
+    d = SessionConfig()
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id, local directory, 'tiny-random' (built in, no download) or 'random:qwen2.5-vl-3b' (default: {DEFAULT_MODEL})")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
+    g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = bfloat16 on GPU, float32 on CPU)")
+    g.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help=f"frames appended to the cache per step, even (default: {d.chunk_frames})")
+    g.add_argument("--history", choices=["drop", "keep"], default=history_default, help=f"drop: roll each answer back; keep: answers stay as dialogue (default: {history_default})")
+    g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"longest answer in tokens (default: {d.max_new_tokens})")
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON document on stdout and nothing else (default: text)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
+
+
+def sampling_from(args):
+    from .video import Sampling
+
+    if args.fps is not None and args.stride is not None:
+        raise UserError("give --fps or --stride, not both")
+    fps = None if args.stride is not None else (args.fps if args.fps is not None else Sampling().fps)
+    return Sampling(
+        fps=fps,
+        stride=args.stride,
+        start=args.start,
+        duration=args.duration,
+        max_frames=args.max_frames,
+        min_pixels=args.min_pixels,
+        max_pixels=args.max_pixels,
+    )
+
+
+def config_from(args):
+    from .config import SessionConfig
+
+    return SessionConfig(
+        model=args.model,
+        sampling=sampling_from(args),
+        chunk_frames=args.chunk_frames,
+        history=args.history,
+        max_new_tokens=args.max_new_tokens,
+    ).validate()
+
+
+def open_video(path: str, config):
+    from .video import VideoSource
+
+    return VideoSource(path, config.sampling)
+
+
+def load_model(args):
+    from .models import load
+
+    return load(args.model, device=args.device, dtype=args.dtype)
+
+
+def emit(args, doc: dict, text: str) -> None:
+    if args.json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+    else:
+        sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
+
+
+def progress_for(args, total: int, label: str):
+    from .progress import Progress
+
+    return Progress(total, label, enabled=(not args.json) and sys.stderr.isatty())
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_ask(args) -> int:
+    from .stream import Stream
+
+    config = config_from(args)
+    question = args.question.strip()
+    if not question:
+        raise UserError("the question is empty; pass a question about the video in quotes")
+    source = open_video(args.video, config)
+    if args.at is not None and (args.at < 0 or args.at > source.info.duration_s + 1e-6):
+        raise UserError(f"--at {args.at} is outside the video (0 to {source.info.duration_s:.2f} s); pick a time inside it")
+    loaded = load_model(args)
+    stream = Stream(loaded, source, config)
+    target = stream.frames_at(args.at)
+    if target == 0:
+        raise UserError(f"no frames sampled at or before --at {args.at}; pick a later time")
+    bar = progress_for(args, target, "encoding")
+    if args.mode == "streaming":
+        stream.encode_until(target, pad_tail=True, on_chunk=lambda c: bar.update(c.frame_last + 1))
+        bar.close()
+        ans = stream.engine.ask(question)
+    else:
+        from .offline import answer_with_retry
+
+        stream.encode_until(target, pad_tail=True, on_chunk=lambda c: bar.update(c.frame_last + 1))
+        bar.close()
+        prompt = stream.engine.prompt_with(stream.engine.question_ids(question))
+        del stream.engine.cache  # offline builds its own; free the streaming one first
+        ans, attempts = answer_with_retry(loaded, prompt, stream.read_frames, stream.fps, question, config.max_new_tokens, stream.engine.vocab)
+        if ans is None:
+            raise RuntimeError("offline mode ran out of memory at every stride: " + "; ".join(a.error or "" for a in attempts))
+    doc = {
+        "mode": args.mode,
+        "video": str(source.info.path),
+        "model": loaded.model_id,
+        "at_s": args.at,
+        "frames": ans.frames_seen,
+        **ans.to_json(),
+    }
+    text = f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total]"
+    emit(args, doc, text)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare, text_report, write_report
+
+    config = config_from(args)
+    if not args.question.strip():
+        raise UserError("the question is empty; pass --question with a question about the video")
+    source = open_video(args.video, config)
+    loaded = load_model(args)
+    bar = progress_for(args, len(source.plan), "encoding")
+    report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1))
+    bar.close()
+    _log_run("compare", report)
+    if args.report:
+        write_report(report, Path(args.report))
+    emit(args, report, text_report(report))
+    return 0
+
+
+def _log_run(kind: str, report: dict) -> None:
+    """Every figure a command prints goes into the store as well."""
+    try:
+        from .store import Store
+    except ImportError:  # pragma: no cover - the store ships with the package
+        return
+    Store().log_run(kind, report)
+
+
+def cmd_make_clip(args) -> int:
+    from .clips import make_clip
+
+    if args.width % 2 or args.height % 2:
+        raise UserError(f"--width and --height must be even; got {args.width}x{args.height}")
+    if args.seconds <= 0 or args.fps <= 0:
+        raise UserError("--seconds and --fps must be positive")
+    out = Path(args.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    make_clip(out, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
+    emit(args, {"path": str(out), "seconds": args.seconds, "fps": args.fps, "size": [args.width, args.height]}, str(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="streamchat", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"streamchat {__import__('streamchat').__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser("ask", help="answer one question about a video", description="Encode the video up to --at and answer one question.")
+    p.add_argument("video", help="video file")
+    p.add_argument("question", help="the question, in quotes")
+    p.add_argument("--at", type=float, default=None, help="answer with the frames up to this second (default: the whole video)")
+    p.add_argument("--mode", choices=["streaming", "offline"], default="streaming", help="streaming: chunked cache; offline: one whole-video prefill (default: streaming)")
+    add_video_options(p)
+    add_engine_options(p)
+    add_output_options(p)
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("compare", help="run streaming and offline on the same frames and compare",
+                       description="Answer the same question in streaming and offline mode on the same frames; report answers, logits, latency and memory.")
+    p.add_argument("video", help="video file")
+    p.add_argument("--question", "-q", default="What is happening in the video?", help="the question (default: 'What is happening in the video?')")
+    p.add_argument("--report", default=None, help="also write a Markdown report here, with a PNG chart beside it (default: none)")
+    add_video_options(p)
+    add_engine_options(p)
+    add_output_options(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("make-clip", help="write a short synthetic clip (no download)", description="Write a synthetic H.264 clip with moving shapes, for trying streamchat offline.")
+    p.add_argument("path", help="where to write the .mp4")
+    p.add_argument("--seconds", type=float, default=4.0, help="length (default: 4)")
+    p.add_argument("--fps", type=float, default=24.0, help="frame rate (default: 24)")
+    p.add_argument("--width", type=int, default=224, help="width in pixels, even (default: 224)")
+    p.add_argument("--height", type=int, default=224, help="height in pixels, even (default: 224)")
+    add_output_options(p)
+    p.set_defaults(func=cmd_make_clip)
+
+    for register in _extra_commands():
+        register(sub)
+    return parser
+
+
+def _extra_commands():
+    """Commands that live in their own modules (sessions, app, bench): each exposes register(sub)."""
+    import importlib
+
+    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        yield mod.register
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv or os.environ.get("STREAMCHAT_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"streamchat: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamchat: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI's last line of defence
+        if debug:
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"streamchat: error: {type(exc).__name__}: {msg} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""Streaming against offline on the same frames: answers, logits, latency, memory; text/Markdown/JSON."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import SessionConfig
+from .engine import Answer, ChunkStats
+from .metrics import gpu_memory, mib, reset_peak
+from .models import Loaded
+from .offline import answer_with_retry
+from .stream import Stream
+from .video import VideoSource
+
+
+def match(a: Answer, b: Answer | None) -> dict:
+    """identical token ids?, index of the first differing token, max |Δ| of the first step's logits."""
+    if b is None:
+        return {"identical": False, "first_divergence": 0, "max_logit_diff": None}
+    first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+    if first is None and len(a.token_ids) != len(b.token_ids):
+        first = min(len(a.token_ids), len(b.token_ids))
+    diff = None
+    if a.first_logits is not None and b.first_logits is not None:
+        diff = float((a.first_logits.float() - b.first_logits.float()).abs().max())
+    return {"identical": first is None, "first_divergence": first, "max_logit_diff": diff}
+
+
+def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, question: str, at: float | None = None,
+                on_chunk=None) -> dict:
+    """Encode the frames up to `at` chunk by chunk and ask; then ask offline with the same prompt."""
+    stream = Stream(loaded, source, config)
+    dev = loaded.device
+    reset_peak(dev)
+    chunks: list[ChunkStats] = stream.encode_until(stream.frames_at(at), pad_tail=True, on_chunk=on_chunk)
+    encode_peak = gpu_memory(dev)["peak_bytes"]
+    after_encode = gpu_memory(dev)["allocated_bytes"]
+    s_ans = stream.engine.ask(question)
+    cache_bytes = chunks[-1].cache_bytes if chunks else 0
+    del stream.engine.cache
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    o_ans, attempts = answer_with_retry(
+        loaded, s_ans.prompt, stream.read_frames, stream.fps, s_ans.question, config.max_new_tokens, stream.engine.vocab
+    )
+    report = {
+        "video": str(source.info.path),
+        "model": loaded.model_id,
+        "device": str(dev),
+        "dtype": str(loaded.dtype).replace("torch.", ""),
+        "sampling": {
+            "native_fps": source.info.native_fps,
+            "sampled_fps": stream.fps,
+            "size": [source.info.resized_width, source.info.resized_height],
+            "chunk_frames": config.chunk_frames,
+            "history": config.history,
+        },
+        "question": s_ans.question,
+        "streaming": {
+            **s_ans.to_json(),
+            "frames": s_ans.frames_seen,
+            "chunks": len(chunks),
+            "encode_s": round(sum(c.encode_s for c in chunks), 6),
+            "vision_s": round(sum(c.vision_s for c in chunks), 6),
+            "cache_bytes": cache_bytes,
+            "encode_peak_bytes": encode_peak,
+            "allocated_after_encode_bytes": after_encode,
+            "per_chunk": [
+                {"cache_tokens": c.cache_tokens, "encode_ms": round(c.encode_s * 1000, 3), "tokens": c.tokens}
+                for c in chunks
+            ],
+        },
+        "offline": None,
+        "attempts": [a.to_json() for a in attempts],
+        "match": match(s_ans, o_ans),
+    }
+    if o_ans is not None:
+        report["offline"] = {
+            **o_ans.to_json(),
+            "frames": sum(len(s.frames) for s in o_ans.prompt if hasattr(s, "frames")),
+            "prefill_s": round(o_ans.prefill_s or 0.0, 6),
+        }
+        o = report["offline"]
+        st = report["streaming"]
+        report["analysis"] = {
+            "ttft_speedup": round(o["ttft_s"] / st["ttft_s"], 2) if st["ttft_s"] else None,
+            "latency_speedup": round(o["latency_s"] / st["latency_s"], 2) if st["latency_s"] else None,
+            "peak_memory_delta_bytes": o["peak_bytes"] - max(st["peak_bytes"], encode_peak),
+        }
+    return report
+
+
+def _fmt_s(x) -> str:
+    return "—" if x is None else f"{x:.3f} s"
+
+
+def text_report(r: dict) -> str:
+    st, of, m = r["streaming"], r["offline"], r["match"]
+    smp = r["sampling"]
+    lines = [
+        f"streamchat compare — {r['video']}",
+        f"model {r['model']} on {r['device']} ({r['dtype']})",
+        "",
+        "Frame sampling",
+        f"  native {smp['native_fps']:.3f} fps -> {smp['sampled_fps']:.3f} fps, {smp['size'][0]}x{smp['size'][1]}, "
+        f"chunks of {smp['chunk_frames']} frames",
+        f"  streaming frames {st['frames']}   offline frames {of['frames'] if of else '—'}",
+        "",
+        "Encoding",
+        f"  streaming: {st['chunks']} chunks, {st['encode_s']:.3f} s total ({st['vision_s']:.3f} s vision)",
+        f"  offline:   prefill {_fmt_s(of['prefill_s'] if of else None)}",
+        "",
+        "QA latency                 streaming      offline",
+        f"  TTFT                   {st['ttft_s']:>10.4f} s  {_fmt_s(of['ttft_s'] if of else None):>11}",
+        f"  total                  {st['latency_s']:>10.4f} s  {_fmt_s(of['latency_s'] if of else None):>11}",
+        f"  new tokens             {st['new_tokens']:>12}  {of['new_tokens'] if of else '—':>11}",
+        "",
+        "Memory and cache",
+        f"  cache tokens {st['cache_tokens']}, cache size {mib(st['cache_bytes'])} MiB",
+        f"  streaming peak {mib(max(st['peak_bytes'], st['encode_peak_bytes']))} MiB, "
+        f"allocated after encode {mib(st['allocated_after_encode_bytes'])} MiB",
+        f"  offline peak {mib(of['peak_bytes']) if of else '—'} MiB",
+        "",
+        "Answers",
+        f"  Q: {r['question']}",
+        f"  streaming: {st['answer']!r}",
+        f"  offline:   {of['answer']!r}" if of else "  offline:   (no answer: every attempt failed)",
+        "",
+        "Attempts (offline)",
+        *[
+            f"  stride x{a['stride_factor']}: {a['frames']} frames, {'ok' if a['ok'] else a['error']}"
+            for a in r["attempts"]
+        ],
+        "",
+        "Analysis",
+        f"  identical: {m['identical']}   first divergence: {m['first_divergence']}   "
+        f"max first-step logit diff: {m['max_logit_diff']}",
+    ]
+    if "analysis" in r:
+        a = r["analysis"]
+        lines.append(
+            f"  TTFT speedup {a['ttft_speedup']}x, latency speedup {a['latency_speedup']}x, "
+            f"offline peak memory {'+' if a['peak_memory_delta_bytes'] >= 0 else ''}{mib(a['peak_memory_delta_bytes'])} MiB vs streaming"
+        )
+    return "\n".join(lines)
+
+
+def markdown_report(r: dict, image: str | None = None) -> str:
+    st, of, m = r["streaming"], r["offline"], r["match"]
+    rows = [
+        ("frames", st["frames"], of["frames"] if of else "—"),
+        ("encode / prefill", f"{st['encode_s']:.3f} s", f"{of['prefill_s']:.3f} s" if of else "—"),
+        ("TTFT", f"{st['ttft_s']:.4f} s", f"{of['ttft_s']:.4f} s" if of else "—"),
+        ("QA latency", f"{st['latency_s']:.4f} s", f"{of['latency_s']:.4f} s" if of else "—"),
+        ("new tokens", st["new_tokens"], of["new_tokens"] if of else "—"),
+        ("cache tokens", st["cache_tokens"], of["cache_tokens"] if of else "—"),
+        ("peak memory", f"{mib(max(st['peak_bytes'], st['encode_peak_bytes']))} MiB", f"{mib(of['peak_bytes'])} MiB" if of else "—"),
+    ]
+    out = [
+        "# streamchat compare",
+        "",
+        f"- video: `{r['video']}`",
+        f"- model: `{r['model']}` on {r['device']} ({r['dtype']})",
+        f"- sampling: {r['sampling']['sampled_fps']:.3f} fps, {r['sampling']['size'][0]}x{r['sampling']['size'][1]}, "
+        f"chunks of {r['sampling']['chunk_frames']} frames",
+        f"- cache size: {mib(st['cache_bytes'])} MiB",
+        "",
+        "| | streaming | offline |",
+        "| --- | --- | --- |",
+        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        "",
+        f"**Question:** {r['question']}",
+        "",
+        f"- streaming: {st['answer']!r}",
+        f"- offline: {of['answer']!r}" if of else "- offline: no answer (every attempt failed)",
+        "",
+        f"**Match:** identical = {m['identical']}, first divergence = {m['first_divergence']}, "
+        f"max first-step logit diff = {m['max_logit_diff']}",
+        "",
+        "**Offline attempts:** "
+        + "; ".join(f"stride x{a['stride_factor']} ({a['frames']} frames): {'ok' if a['ok'] else a['error']}" for a in r["attempts"]),
+    ]
+    if "analysis" in r:
+        a = r["analysis"]
+        out += ["", f"**Analysis:** TTFT {a['ttft_speedup']}x faster streaming, latency {a['latency_speedup']}x, "
+                f"offline peak memory {mib(a['peak_memory_delta_bytes'])} MiB above streaming."]
+    if image:
+        out += ["", f"![encode time per chunk against cache length]({image})"]
+    return "\n".join(out) + "\n"
+
+
+def write_report(r: dict, path: Path) -> Path | None:
+    """Markdown at `path`, with a PNG of encode time against cache length beside it."""
+    from .plots import encode_plot
+
+    png = path.with_suffix(".png")
+    points = [(c["cache_tokens"], c["encode_ms"]) for c in r["streaming"]["per_chunk"]]
+    image = encode_plot(points, png) if points else None
+    path.write_text(markdown_report(r, image.name if image else None))
+    return image

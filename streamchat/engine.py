@@ -1,0 +1,333 @@
+"""The streaming engine: chunks of frames appended to Qwen2.5-VL's KV cache, questions answered on top.
+
+Token layout (the same one the chat template renders for one video per user turn):
+
+    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|> [video ...]
+    <|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
+    <|im_start|>user\\n<|vision_start|> [video since the last question ...] ...   (history=keep)
+
+Text that is known but not yet needed (the prompt's head, a kept answer's closing tokens) waits in
+`pending` and is prefilled together with the next chunk or question. The `transcript` records every
+token and frame in order, so the offline runner can rebuild exactly the prompt a turn saw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import hf
+from .config import SessionConfig
+from .errors import UserError
+from .metrics import gpu_memory, now, reset_peak, sync
+from .models import Loaded
+from .positions import Cursor, temporal_interval
+
+
+@dataclass
+class TextSeg:
+    ids: list[int]
+
+
+@dataclass
+class VideoSeg:
+    frames: list[int]  # positions in the sampling plan; a padded pair repeats the last one
+    grid_h: int  # merged (LLM) grid height
+    grid_w: int
+
+    @property
+    def tokens(self) -> int:
+        return len(self.frames) // 2 * self.grid_h * self.grid_w
+
+
+Segment = TextSeg | VideoSeg
+
+
+def segments_to_json(segs: list[Segment]) -> list[dict]:
+    return [
+        {"text": s.ids} if isinstance(s, TextSeg) else {"frames": s.frames, "grid": [s.grid_h, s.grid_w]} for s in segs
+    ]
+
+
+def segments_from_json(data: list[dict]) -> list[Segment]:
+    return [TextSeg(list(d["text"])) if "text" in d else VideoSeg(list(d["frames"]), *d["grid"]) for d in data]
+
+
+@dataclass
+class ChunkStats:
+    index: int
+    frame_first: int  # plan positions [frame_first, frame_last]
+    frame_last: int
+    t_start_s: float
+    t_end_s: float
+    tokens: int  # tokens this chunk added to the cache (video + pending text)
+    cache_tokens: int  # after the chunk
+    cache_bytes: int
+    encode_s: float
+    vision_s: float
+    memory: dict
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str
+    token_ids: list[int]
+    ttft_s: float
+    latency_s: float
+    frames_seen: int
+    cache_tokens: int  # cache length when the question was asked (video + earlier turns)
+    peak_bytes: int
+    first_logits: torch.Tensor | None = field(default=None, repr=False)
+    prompt: list[Segment] = field(default_factory=list, repr=False)  # exactly what this turn saw
+    prefill_s: float | None = None  # offline only
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens_per_s(self) -> float:
+        decode_s = self.latency_s - self.ttft_s
+        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "question": self.question,
+            "answer": self.text,
+            "token_ids": self.token_ids,
+            "ttft_s": round(self.ttft_s, 6),
+            "latency_s": round(self.latency_s, 6),
+            "new_tokens": self.new_tokens,
+            "tokens_per_s": round(self.tokens_per_s, 2),
+            "frames_seen": self.frames_seen,
+            "cache_tokens": self.cache_tokens,
+            "peak_bytes": self.peak_bytes,
+        }
+
+
+class Vocab:
+    """The token ids and fixed token pieces of the layout, from the model's tokenizer."""
+
+    def __init__(self, tokenizer, config: SessionConfig):
+        self.tok = tokenizer
+        cid = tokenizer.convert_tokens_to_ids
+        self.vision_start, self.vision_end = cid("<|vision_start|>"), cid("<|vision_end|>")
+        self.video_pad, self.im_end = cid("<|video_pad|>"), cid("<|im_end|>")
+        self.eos = {self.im_end, cid("<|endoftext|>")}
+        self.head = self.ids(f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n")
+        self.user_open = self.ids("<|im_start|>user\n")
+        self.turn_end = self.ids("<|im_end|>\n")
+        self.assistant_open = self.ids("<|im_start|>assistant\n")
+
+    def ids(self, text: str) -> list[int]:
+        return list(self.tok.encode(text, add_special_tokens=False))
+
+    def user_text(self, text: str) -> list[int]:
+        """A user's text; special-token strings typed by a user stay plain text."""
+        return list(self.tok.encode(text, add_special_tokens=False, split_special_tokens=True))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
+
+
+def greedy_decode(
+    model,
+    cache,
+    cursor: Cursor,
+    logits: torch.Tensor,
+    max_new_tokens: int,
+    eos: set[int],
+    on_token: Callable[[int], None] | None = None,
+) -> list[int]:
+    """Greedy generation from `logits`; every token but the last is appended to `cache` at `cursor`."""
+    out: list[int] = []
+    while True:
+        token = int(torch.argmax(logits))
+        out.append(token)
+        if on_token is not None:
+            on_token(token)
+        if token in eos or len(out) >= max_new_tokens:
+            return out
+        embeds = hf.embed_tokens(model, torch.tensor([token], device=model.device))
+        hidden = hf.lm_forward(model, embeds, cursor.text(1), cache)
+        logits = hf.lm_head(model, hidden)
+
+
+class StreamEngine:
+    """One stream: encode chunks into the cache, answer questions on a branch, keep or roll back."""
+
+    def __init__(self, loaded: Loaded, config: SessionConfig, fps: float):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.config = config.validate()
+        self.fps = fps
+        self.vocab = Vocab(loaded.tokenizer, config)
+        vc = hf.vision_config(self.model)
+        self.merge = vc.spatial_merge_size
+        self.interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
+        self.max_context = int(getattr(hf.text_config(self.model), "max_position_embeddings", 32768))
+        self.reset()
+
+    # --- state --------------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.cache = hf.new_cache(self.model)
+        self.cursor = Cursor()
+        self.pending: list[int] = self.vocab.head + self.vocab.user_open + [self.vocab.vision_start]
+        self.transcript: list[Segment] = [TextSeg(list(self.pending))]
+        self.block_frames = 0  # frames in the open video block
+        self.frames_seen = 0  # plan frames encoded so far (pads not counted)
+        self.chunks_encoded = 0
+        self.turns = 0
+
+    @property
+    def cache_tokens(self) -> int:
+        return hf.cache_len(self.cache)
+
+    # --- encoding -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode(self, frames: np.ndarray, first: int, padded: bool = False, timestamps=(0.0, 0.0)) -> ChunkStats:
+        """Append a chunk of frames (uint8 [N, H, W, 3], N even) that start at plan position `first`."""
+        if len(frames) == 0 or len(frames) % 2:
+            raise UserError(f"a chunk must hold an even number of frames; got {len(frames)}")
+        dev = self.loaded.device
+        sync(dev)
+        t0 = now()
+        if not self.pending or self.pending[-1] != self.vocab.vision_start:
+            if self.block_frames == 0 and self.cursor.block_start is None:
+                # history=keep after a turn: open the next user turn's video block
+                self._add_pending(self.vocab.user_open + [self.vocab.vision_start])
+        pixels, grid = hf.video_pixels(self.loaded.processor, frames)
+        t_count, gh, gw = (int(x) for x in grid[0])
+        h, w = gh // self.merge, gw // self.merge
+        video = hf.embed_video(self.model, pixels, grid)  # [t*h*w, D]
+        sync(dev)
+        vision_s = now() - t0
+        text_ids = self.pending
+        parts, positions = [], []
+        if text_ids:
+            parts.append(hf.embed_tokens(self.model, torch.tensor(text_ids, device=dev)))
+            positions.append(self.cursor.text(len(text_ids)))
+        parts.append(video.unsqueeze(0).to(parts[0].dtype if parts else video.dtype))
+        positions.append(self.cursor.video(t_count, h, w, self.interval))
+        hf.lm_forward(self.model, torch.cat(parts, dim=1), torch.cat(positions, dim=1), self.cache)
+        sync(dev)
+        encode_s = now() - t0
+
+        n_real = len(frames) - (1 if padded else 0)
+        plan = list(range(first, first + n_real)) + ([first + n_real - 1] if padded else [])
+        self.pending = []
+        last = self.transcript[-1]
+        if isinstance(last, VideoSeg) and self.block_frames:
+            last.frames.extend(plan)
+        else:
+            self.transcript.append(VideoSeg(plan, h, w))
+        self.block_frames += len(plan)
+        self.frames_seen = max(self.frames_seen, first + n_real)
+        stats = ChunkStats(
+            index=self.chunks_encoded,
+            frame_first=first,
+            frame_last=first + n_real - 1,
+            t_start_s=float(timestamps[0]),
+            t_end_s=float(timestamps[-1]),
+            tokens=len(text_ids) + video.shape[0],
+            cache_tokens=self.cache_tokens,
+            cache_bytes=hf.cache_bytes(self.cache),
+            encode_s=encode_s,
+            vision_s=vision_s,
+            memory=gpu_memory(dev),
+        )
+        self.chunks_encoded += 1
+        return stats
+
+    def _add_pending(self, ids: list[int]) -> None:
+        self.pending.extend(ids)
+        last = self.transcript[-1]
+        if isinstance(last, TextSeg):
+            last.ids.extend(ids)
+        else:
+            self.transcript.append(TextSeg(list(ids)))
+
+    # --- questions ----------------------------------------------------------------------------
+
+    def question_ids(self, question: str) -> list[int]:
+        """The tokens a question adds after the transcript: close the block (or open a text turn), ask."""
+        q = question.strip()
+        if not q:
+            raise UserError("the question is empty; type a question about the video")
+        if self.block_frames:
+            head = [self.vocab.vision_end]
+        elif self.cursor.block_start is None and (not self.pending or self.pending[-1] != self.vocab.vision_start):
+            head = self.vocab.user_open  # history=keep, no new frames since the last answer
+        else:
+            raise UserError("no frames are encoded yet; wait for the first chunk (or ask with a later --at)")
+        ids = head + self.vocab.user_text(q) + self.vocab.turn_end + self.vocab.assistant_open
+        room = self.max_context - self.cache_tokens - len(self.pending) - self.config.max_new_tokens
+        if len(ids) > room:
+            raise UserError(
+                f"the question is {len(ids)} tokens but only {max(room, 0)} fit in the model's context "
+                f"({self.max_context} tokens, {self.cache_tokens} in the cache); ask a shorter question"
+            )
+        return ids
+
+    def prompt_with(self, q_ids: list[int]) -> list[Segment]:
+        """A copy of the transcript followed by the question's tokens: exactly what a turn sees."""
+        copy = [TextSeg(list(s.ids)) if isinstance(s, TextSeg) else VideoSeg(list(s.frames), s.grid_h, s.grid_w) for s in self.transcript]
+        return copy + [TextSeg(list(q_ids))]
+
+    @torch.inference_mode()
+    def ask(self, question: str, on_token: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> Answer:
+        """Answer on top of the cache; then roll back (history=drop) or keep the turn (history=keep)."""
+        dev = self.loaded.device
+        max_new = max_new_tokens or self.config.max_new_tokens
+        reset_peak(dev)
+        sync(dev)
+        t0 = now()
+        q_ids = self.question_ids(question)
+        prompt = self.prompt_with(q_ids)
+        cache_before = self.cache_tokens
+        saved_cursor = self.cursor.copy()
+        feed = self.pending + q_ids
+        embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
+        logits = hf.lm_head(self.model, hf.lm_forward(self.model, embeds, self.cursor.text(len(feed)), self.cache))
+        first_logits = logits.detach().cpu()
+        stamps: list[float] = []
+
+        def token_cb(token: int) -> None:
+            sync(dev)
+            stamps.append(now())
+            if on_token is not None:
+                on_token(token)
+
+        gen = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, token_cb)
+        sync(dev)
+        answer = Answer(
+            question=question.strip(),
+            text=self.vocab.decode(gen),
+            token_ids=gen,
+            ttft_s=stamps[0] - t0,
+            latency_s=stamps[-1] - t0,
+            frames_seen=self.frames_seen,
+            cache_tokens=cache_before + len(self.pending),
+            peak_bytes=gpu_memory(dev)["peak_bytes"],
+            first_logits=first_logits,
+            prompt=prompt,
+        )
+        self.turns += 1
+        if self.config.history == "drop":
+            hf.cache_drop_tail(self.cache, self.cache_tokens - cache_before)
+            self.cursor = saved_cursor
+        else:
+            self.pending = []
+            answer_ids = [t for t in gen if t not in self.vocab.eos]
+            self.transcript.append(TextSeg(q_ids + answer_ids))
+            tail = ([] if gen[-1] in self.vocab.eos else [gen[-1]]) + self.vocab.turn_end
+            self.pending = tail
+            self.transcript[-1].ids.extend(self.vocab.turn_end)
+            self.block_frames = 0
+        return answer

@@ -1,0 +1,184 @@
+"""Every call into transformers internals, in one place (pinned: transformers 5.17.0).
+
+An upgrade should touch this file alone. What 5.17 does that we rely on or work around:
+- positions: we always pass explicit (3, B, L) M-RoPE position ids, so `get_rope_index`,
+  `compute_3d_position_ids` and the stateful `model.model.rope_deltas` are never used
+  (5.x resumes text after a video at s + max(H, W) and truncates fractional intervals; see qwen25vl.md);
+- the forward argument is `past_key_values` (5.24 renames it `cache`);
+- `DynamicLayer.crop(n)` removes tokens when n is negative; a positive n is the deprecated old meaning;
+- a prefilled `DynamicCache` is built with `DynamicCache(ddp_cache_data=[(k, v), ...], config=...)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+TRANSFORMERS_PINNED = "5.17.0"
+
+
+def transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+
+def load_pretrained(source: str, *, dtype: torch.dtype, device_map: Any, local_only: bool):
+    """Load the real model class and processor from a hub id or a local directory."""
+    from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        source, dtype=dtype, device_map=device_map, local_files_only=local_only, attn_implementation="sdpa"
+    )
+    processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
+    return model, processor
+
+
+def build_from_config(config, *, dtype: torch.dtype, device: str):
+    """A model of `config`'s architecture with random weights (for `random:<arch>`)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def qwen25vl_config(**kwargs):
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(**kwargs)
+
+
+def default_processor(tokenizer, chat_template: str | None = None):
+    """transformers' Qwen2.5-VL processor around `tokenizer`, with the stock image/video processors."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(),
+        tokenizer=tokenizer,
+        video_processor=Qwen2VLVideoProcessor(),
+        chat_template=chat_template,
+    )
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+
+def video_pixels(processor, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise and patchify already-resized uint8 frames [N, H, W, 3] with the real video processor.
+
+    Returns pixel_values [N/2 * gh * gw, C*2*14*14] (float32) and grid_thw [1, 3].
+    """
+    out = processor.video_processor(
+        videos=[frames],
+        do_resize=False,  # streamchat resized the frames; both modes see the same pixels
+        do_sample_frames=False,
+        cap_pixels_per_frame=False,
+        return_tensors="pt",
+    )
+    return out["pixel_values_videos"], out["video_grid_thw"]
+
+
+def processor_prompt_ids(processor, text: str, videos: list[np.ndarray], fps: float) -> dict:
+    """The processor's own output for a rendered prompt and its videos (to check streamchat's layout)."""
+    return processor(
+        text=[text],
+        videos=videos,
+        videos_kwargs=dict(fps=fps, do_sample_frames=False, do_resize=False, cap_pixels_per_frame=False),
+        return_tensors="pt",
+    )
+
+
+# --- forward passes -----------------------------------------------------------------------------
+
+
+def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
+    """ids [L] -> embeddings [1, L, D]."""
+    return model.model.get_input_embeddings()(ids.view(1, -1))
+
+
+def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+    """Run the vision tower: pixel patches -> merged video embeddings [tokens, D]."""
+    out = model.model.get_video_features(pixel_values.to(model.device), grid_thw.to(model.device))
+    return torch.cat(out.pooler_output, dim=0)
+
+
+def lm_forward(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Append `embeds` [1, L, D] at `position_ids` [3, L] to `cache`; return the last hidden state [1, D]."""
+    out = model.model.language_model(
+        inputs_embeds=embeds,
+        position_ids=position_ids.view(3, 1, -1).to(embeds.device),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    return out.last_hidden_state[:, -1]
+
+
+def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Last hidden state [1, D] -> logits [V] in float32."""
+    return model.lm_head(hidden)[0].float()
+
+
+def full_forward(model, input_ids, pixel_values, grid_thw, position_ids, cache) -> torch.Tensor:
+    """The plain transformers path: one `model(...)` call over the whole prompt, logits of the last token only."""
+    dev = model.device
+    out = model(
+        input_ids=input_ids.view(1, -1).to(dev),
+        pixel_values_videos=None if pixel_values is None else pixel_values.to(dev),
+        video_grid_thw=None if grid_thw is None else grid_thw.to(dev),
+        position_ids=position_ids.view(3, 1, -1).to(dev),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,  # full-sequence logits would be 17.5 GB in fp32 at 29k tokens
+    )
+    return out.logits[0, -1].float()
+
+
+# --- the KV cache -------------------------------------------------------------------------------
+
+
+def new_cache(model):
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]):
+    """A DynamicCache holding the given per-layer (keys, values), each [B, H_kv, S, D]."""
+    from transformers import DynamicCache
+
+    return DynamicCache(ddp_cache_data=layers, config=model.config)
+
+
+def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per-layer (keys, values), each [B, H_kv, S, D]; empty layers are skipped."""
+    return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
+
+
+def cache_len(cache) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+def cache_bytes(cache) -> int:
+    """The real size of the cache's tensors (the prototype printed 0.0 MB here)."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in cache_layers(cache))
+
+
+def cache_drop_tail(cache, n: int) -> None:
+    """Remove the last `n` tokens from every layer (5.x: a negative count removes tokens)."""
+    if n > 0:
+        cache.crop(-n)
+
+
+def text_config(model):
+    return model.config.text_config
+
+
+def vision_config(model):
+    return model.config.vision_config

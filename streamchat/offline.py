@@ -1,0 +1,156 @@
+"""The offline runner: the whole prompt (every frame and every earlier turn) in one prefill, then greedy.
+
+This is what a plain transformers user does: the real processor patchifies each video segment whole,
+one `model(...)` call prefills everything, generation follows. It uses the same frames, the same
+token layout and the same explicit M-RoPE positions as the streaming engine, so on the CPU in
+float32 both give the same tokens. Out of memory is caught and retried with the stride doubled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import hf
+from .engine import Answer, Segment, TextSeg, VideoSeg, Vocab, greedy_decode
+from .metrics import gpu_memory, now, reset_peak, sync
+from .models import Loaded
+from .positions import Cursor, temporal_interval
+
+FrameReader = Callable[[list[int]], np.ndarray]  # plan positions -> uint8 [N, H, W, 3]
+
+
+@dataclass
+class Attempt:
+    stride_factor: int
+    frames: int
+    ok: bool
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"stride_factor": self.stride_factor, "frames": self.frames, "ok": self.ok, "error": self.error}
+
+
+def halve(prompt: list[Segment]) -> list[Segment]:
+    """The same prompt with every other frame of each video segment (stride doubled), pairs kept even."""
+    out: list[Segment] = []
+    for seg in prompt:
+        if isinstance(seg, VideoSeg):
+            frames = seg.frames[::2]
+            if len(frames) % 2:
+                frames = frames + frames[-1:]
+            out.append(VideoSeg(frames, seg.grid_h, seg.grid_w))
+        else:
+            out.append(seg)
+    return out
+
+
+def frame_count(prompt: list[Segment]) -> int:
+    return sum(len(s.frames) for s in prompt if isinstance(s, VideoSeg))
+
+
+@torch.inference_mode()
+def answer_offline(
+    loaded: Loaded,
+    prompt: list[Segment],
+    read_frames: FrameReader,
+    fps: float,
+    question: str,
+    max_new_tokens: int,
+    vocab: Vocab,
+    on_token: Callable[[int], None] | None = None,
+) -> Answer:
+    """One prefill of `prompt` (segments ending in the question's tokens), then greedy decoding."""
+    model, dev = loaded.model, loaded.device
+    vc = hf.vision_config(model)
+    interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
+    frames = [read_frames(seg.frames) for seg in prompt if isinstance(seg, VideoSeg)]
+    reset_peak(dev)
+    sync(dev)
+    t0 = now()
+    ids: list[int] = []
+    positions = []
+    pixels, grids = [], []
+    cursor = Cursor()
+    videos = iter(frames)
+    for seg in prompt:
+        if isinstance(seg, TextSeg):
+            ids.extend(seg.ids)
+            positions.append(cursor.text(len(seg.ids)))
+        else:
+            pv, grid = hf.video_pixels(loaded.processor, next(videos))
+            t_count, gh, gw = (int(x) for x in grid[0])
+            h, w = gh // vc.spatial_merge_size, gw // vc.spatial_merge_size
+            ids.extend([vocab.video_pad] * (t_count * h * w))
+            positions.append(cursor.video(t_count, h, w, interval))
+            pixels.append(pv)
+            grids.append(grid)
+    cache = hf.new_cache(model)
+    logits = hf.full_forward(
+        model,
+        torch.tensor(ids),
+        torch.cat(pixels) if pixels else None,
+        torch.cat(grids) if grids else None,
+        torch.cat(positions, dim=1),
+        cache,
+    )
+    sync(dev)
+    prefill_s = now() - t0
+    first_logits = logits.detach().cpu()
+    stamps: list[float] = []
+
+    def token_cb(token: int) -> None:
+        sync(dev)
+        stamps.append(now())
+        if on_token is not None:
+            on_token(token)
+
+    gen = greedy_decode(model, cache, cursor, logits, max_new_tokens, vocab.eos, token_cb)
+    frames_seen = max((max(s.frames) + 1 for s in prompt if isinstance(s, VideoSeg)), default=0)
+    answer = Answer(
+        question=question,
+        text=vocab.decode(gen),
+        token_ids=gen,
+        ttft_s=stamps[0] - t0,
+        latency_s=stamps[-1] - t0,
+        frames_seen=frames_seen,
+        cache_tokens=len(ids),
+        peak_bytes=gpu_memory(dev)["peak_bytes"],
+        first_logits=first_logits,
+        prompt=prompt,
+        prefill_s=prefill_s,
+    )
+    del cache
+    return answer
+
+
+def answer_with_retry(
+    loaded: Loaded,
+    prompt: list[Segment],
+    read_frames: FrameReader,
+    fps: float,
+    question: str,
+    max_new_tokens: int,
+    vocab: Vocab,
+    max_attempts: int = 4,
+) -> tuple[Answer | None, list[Attempt]]:
+    """Offline answer; on out-of-memory, retry with the stride doubled (every attempt is reported)."""
+    attempts: list[Attempt] = []
+    factor = 1
+    for _ in range(max_attempts):
+        try:
+            ans = answer_offline(loaded, prompt, read_frames, fps / factor, question, max_new_tokens, vocab)
+            attempts.append(Attempt(factor, frame_count(prompt), True))
+            return ans, attempts
+        except torch.OutOfMemoryError as exc:
+            attempts.append(Attempt(factor, frame_count(prompt), False, f"out of memory: {str(exc).splitlines()[0]}"))
+            if loaded.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if frame_count(prompt) <= 2:
+                break
+            prompt = halve(prompt)
+            factor *= 2
+    return None, attempts

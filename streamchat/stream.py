@@ -1,0 +1,72 @@
+"""Drives a video source through the engine: chunk by chunk up to a time, with a hook per chunk.
+
+Shared by the headless commands, the app and the benchmark, so they all cut the video the same way:
+chunks of `chunk_frames`; a question mid-stream sees the largest even number of frames available
+(an odd frame waits for its pair); only the end of what will ever be encoded pads an odd frame by
+repeating it, as the HF video processor does.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from .config import SessionConfig
+from .engine import ChunkStats, StreamEngine
+from .models import Loaded
+from .video import VideoSource
+
+
+class Stream:
+    def __init__(self, loaded: Loaded, source: VideoSource, config: SessionConfig):
+        self.loaded = loaded
+        self.source = source
+        self.config = config
+        self.fps = config.sampling.sampled_fps(source.info.native_fps)
+        self.engine = StreamEngine(loaded, config, self.fps)
+        self.next_frame = 0  # plan position of the next frame to encode
+        self._cache: dict[int, np.ndarray] = {}
+
+    @property
+    def total_frames(self) -> int:
+        return len(self.source.plan)
+
+    @property
+    def done(self) -> bool:
+        return self.next_frame >= self.total_frames
+
+    def frames_at(self, seconds: float | None) -> int:
+        """Plan frames with timestamp <= seconds (all when None)."""
+        return self.total_frames if seconds is None else self.source.frames_until(seconds)
+
+    def encode_until(
+        self,
+        frames: int,
+        *,
+        pad_tail: bool = False,
+        on_chunk: Callable[[ChunkStats], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[ChunkStats]:
+        """Encode plan frames [next_frame, frames); an odd remainder waits unless pad_tail or the video ends."""
+        frames = min(frames, self.total_frames)
+        pad = pad_tail or frames >= self.total_frames
+        last = frames if pad else self.next_frame + (frames - self.next_frame) // 2 * 2
+        out: list[ChunkStats] = []
+        if last <= self.next_frame:
+            return out
+        for chunk in self.source.prefetch_chunks(self.config.chunk_frames, first=self.next_frame, last=last):
+            stats = self.engine.encode(chunk.frames, chunk.first, chunk.padded, chunk.timestamps)
+            self.next_frame = chunk.first + len(chunk.frames) - (1 if chunk.padded else 0)
+            out.append(stats)
+            if on_chunk is not None:
+                on_chunk(stats)
+            if should_stop is not None and should_stop():
+                break
+        return out
+
+    def read_frames(self, positions: list[int]) -> np.ndarray:
+        """Frames at plan positions (for the offline runner); decoded again, so no frame stays in memory."""
+        lo, hi = min(positions), max(positions)
+        block = self.source.read(lo, hi - lo + 1)
+        return block[[p - lo for p in positions]]
