@@ -257,6 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv or os.environ.get("STREAMCHAT_DEBUG") == "1"
     try:
         args = build_parser().parse_args(argv)
+        if not debug:
+            from . import hf
+
+            hf.quiet()
         return int(args.func(args) or 0)
     except UserError as exc:
         if debug:

@@ -25,6 +25,13 @@ def transformers_version() -> str:
     return transformers.__version__
 
 
+def quiet() -> None:
+    """Silence transformers' warnings (the CLI's stderr is for one-line errors and the progress bar)."""
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+
+
 # --- loading ------------------------------------------------------------------------------------
 
 
