@@ -20,6 +20,7 @@ class SessionConfig:
     history: str = "drop"  # drop: each answer is rolled back; keep: answers stay as dialogue
     max_new_tokens: int = 64  # enough for a sentence or two
     system_prompt: str = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
+    stream_attention: bool = True  # lower-right causal SDPA without a mask (hf.py); False = stock sdpa
 
     def validate(self) -> "SessionConfig":
         if self.chunk_frames < 2 or self.chunk_frames % 2:

@@ -196,6 +196,7 @@ class StreamEngine:
         if len(frames) == 0 or len(frames) % 2:
             raise UserError(f"a chunk must hold an even number of frames; got {len(frames)}")
         dev = self.loaded.device
+        hf.use_stream_attention(self.model, self.config.stream_attention)
         sync(dev)
         t0 = now()
         if not self.pending or self.pending[-1] != self.vocab.vision_start:
@@ -285,6 +286,7 @@ class StreamEngine:
         """Answer on top of the cache; then roll back (history=drop) or keep the turn (history=keep)."""
         dev = self.loaded.device
         max_new = max_new_tokens or self.config.max_new_tokens
+        hf.use_stream_attention(self.model, self.config.stream_attention)
         reset_peak(dev)
         sync(dev)
         t0 = now()

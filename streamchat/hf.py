@@ -118,8 +118,12 @@ def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> to
 
 def lm_forward(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
     """Append `embeds` [1, L, D] at `position_ids` [3, L] to `cache`; return the last hidden state [1, D]."""
-    out = model.model.language_model(
+    lm = model.model.language_model
+    # with streamchat's attention the mask is implied (batch 1, no padding): skip building an [L, S+L] mask
+    mask = {"full_attention": None} if lm.config._attn_implementation == STREAM_ATTENTION else None
+    out = lm(
         inputs_embeds=embeds,
+        attention_mask=mask,
         position_ids=position_ids.view(3, 1, -1).to(embeds.device),
         past_key_values=cache,
         use_cache=True,
@@ -145,6 +149,50 @@ def full_forward(model, input_ids, pixel_values, grid_thw, position_ids, cache) 
         logits_to_keep=1,  # full-sequence logits would be 17.5 GB in fp32 at 29k tokens
     )
     return out.logits[0, -1].float()
+
+
+# --- attention ---------------------------------------------------------------------------------
+
+STREAM_ATTENTION = "streamchat_sdpa"
+
+
+def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA for appending to a cache: lower-right causal without a materialised mask, GQA without copies.
+
+    transformers' sdpa path, for a chunk of L new tokens on a cache of S, builds an [L, S+L] mask and
+    repeats the KV heads (copying the whole cache per layer), which forces the slow masked kernel.
+    Here: q_len == 1 needs no mask; q_len == kv_len is plain causal; otherwise the causal mask is
+    aligned to the bottom right (`causal_lower_right`), which flash/efficient kernels take as is.
+    streamchat never pads (batch 1), so `attention_mask` carries no extra information.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    q_len, kv_len = query.shape[2], key.shape[2]
+    gqa = query.shape[1] != key.shape[1]
+    if q_len == 1:
+        mask, causal = None, False
+    elif q_len == kv_len:
+        mask, causal = None, True
+    else:
+        mask, causal = causal_lower_right(q_len, kv_len), False
+    # query: [B, H, L, D]; key/value: [B, H_kv, S, D]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_stream_attention(model, enabled: bool = True) -> None:
+    """Switch the language model between streamchat's attention and transformers' stock sdpa."""
+    from transformers import AttentionInterface
+
+    if STREAM_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(STREAM_ATTENTION, _stream_sdpa)
+    model.config.text_config._attn_implementation = STREAM_ATTENTION if enabled else "sdpa"
+    if model.device.type == "cuda":
+        # cuDNN attention builds a new plan for every new sequence length (~40 ms of CPU per shape,
+        # 400+ ms on a first decode step); flash attention needs none.
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 # --- the KV cache -------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ def answer_offline(
 ) -> Answer:
     """One prefill of `prompt` (segments ending in the question's tokens), then greedy decoding."""
     model, dev = loaded.model, loaded.device
+    hf.use_stream_attention(model, False)  # the plain transformers path: stock sdpa
     vc = hf.vision_config(model)
     interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
     frames = [read_frames(seg.frames) for seg in prompt if isinstance(seg, VideoSeg)]
