@@ -182,13 +182,50 @@ def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     return out.transpose(1, 2).contiguous(), None
 
 
+# "flash" in the name makes the vision tower hand us cu_seqlens in one call (its varlen path)
+# instead of looping over the windows itself: one SDPA call per window, 4,712 per 720p chunk.
+WINDOW_ATTENTION = "streamchat_flash_windows"
+_groups_memo: list = [None, None]  # (cu_seqlens tensor, groups): the 28 window blocks share one tensor
+
+
+def _window_groups(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
+    """Token indices [n_windows, L] for each distinct window length L."""
+    if _groups_memo[0] is cu_seqlens:
+        return _groups_memo[1]
+    bounds = cu_seqlens.tolist()
+    by_len: dict[int, list[int]] = {}
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            by_len.setdefault(end - start, []).append(start)
+    dev = cu_seqlens.device
+    groups = [
+        torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(length, device=dev).view(1, -1)
+        for length, starts in by_len.items()
+    ]
+    _groups_memo[0], _groups_memo[1] = cu_seqlens, groups
+    return groups
+
+
+def _window_sdpa(module, query, key, value, attention_mask=None, scaling=None, cu_seq_lens_q=None, **kwargs):
+    """Vision attention within windows: windows of equal length batched into one SDPA call each."""
+    # query/key/value: [1, H, N, D] -> output [1, N, H, D]
+    out = torch.empty_like(query[0])  # [H, N, D]
+    for idx in _window_groups(cu_seq_lens_q):
+        q, k, v = (t[0][:, idx].transpose(0, 1) for t in (query, key, value))  # [W, H, L, D]
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
+        out[:, idx] = o.transpose(0, 1)
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
 def use_stream_attention(model, enabled: bool = True) -> None:
-    """Switch the language model between streamchat's attention and transformers' stock sdpa."""
+    """Switch between streamchat's attention (text and vision) and transformers' stock sdpa."""
     from transformers import AttentionInterface
 
     if STREAM_ATTENTION not in AttentionInterface._global_mapping:
         AttentionInterface.register(STREAM_ATTENTION, _stream_sdpa)
+        AttentionInterface.register(WINDOW_ATTENTION, _window_sdpa)
     model.config.text_config._attn_implementation = STREAM_ATTENTION if enabled else "sdpa"
+    model.config.vision_config._attn_implementation = WINDOW_ATTENTION if enabled else "sdpa"
     if model.device.type == "cuda":
         # cuDNN attention builds a new plan for every new sequence length (~40 ms of CPU per shape,
         # 400+ ms on a first decode step); flash attention needs none.
@@ -237,3 +274,16 @@ def text_config(model):
 
 def vision_config(model):
     return model.config.vision_config
+
+
+# --- submodules (parameter counts for the benchmark's floors) ------------------------------------
+
+
+def language_model(model):
+    """The decoder stack without embeddings' lm_head (5.x: `model.model.language_model`)."""
+    return model.model.language_model
+
+
+def vision_tower(model):
+    """The vision transformer with its patch embedding and merger (5.x: `model.model.visual`)."""
+    return model.model.visual
