@@ -170,6 +170,9 @@ class StreamEngine:
         self.merge = vc.spatial_merge_size
         self.interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
         self.max_context = int(getattr(hf.text_config(self.model), "max_position_embeddings", 32768))
+        # called as hook(chunk_index, frames) when a chunk starts, before any model work (the app shows
+        # the frame; tests hold the engine inside a chunk here)
+        self.chunk_hook: Callable[[int, np.ndarray], None] | None = None
         self.reset()
 
     # --- state --------------------------------------------------------------------------------
@@ -190,11 +193,24 @@ class StreamEngine:
 
     # --- encoding -----------------------------------------------------------------------------
 
+    def preprocess(self, frames: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """CPU work for a chunk (normalise, patchify): safe to run ahead in another thread."""
+        pixels, grid = hf.video_pixels(self.loaded.processor, frames)
+        if self.loaded.device.type == "cuda":
+            pixels = pixels.pin_memory()  # lets the copy to the GPU overlap
+        return pixels, grid
+
     @torch.inference_mode()
-    def encode(self, frames: np.ndarray, first: int, padded: bool = False, timestamps=(0.0, 0.0)) -> ChunkStats:
-        """Append a chunk of frames (uint8 [N, H, W, 3], N even) that start at plan position `first`."""
+    def encode(self, frames: np.ndarray, first: int, padded: bool = False, timestamps=(0.0, 0.0),
+               prepared: tuple[torch.Tensor, torch.Tensor] | None = None) -> ChunkStats:
+        """Append a chunk of frames (uint8 [N, H, W, 3], N even) that start at plan position `first`.
+
+        `prepared` is `preprocess(frames)` done ahead of time (the stream does it in its decode thread).
+        """
         if len(frames) == 0 or len(frames) % 2:
             raise UserError(f"a chunk must hold an even number of frames; got {len(frames)}")
+        if self.chunk_hook is not None:
+            self.chunk_hook(self.chunks_encoded, frames)
         dev = self.loaded.device
         hf.use_stream_attention(self.model, self.config.stream_attention)
         sync(dev)
@@ -203,7 +219,7 @@ class StreamEngine:
             if self.block_frames == 0 and self.cursor.block_start is None:
                 # history=keep after a turn: open the next user turn's video block
                 self._add_pending(self.vocab.user_open + [self.vocab.vision_start])
-        pixels, grid = hf.video_pixels(self.loaded.processor, frames)
+        pixels, grid = prepared if prepared is not None else self.preprocess(frames)
         t_count, gh, gw = (int(x) for x in grid[0])
         h, w = gh // self.merge, gw // self.merge
         video = hf.embed_video(self.model, pixels, grid)  # [t*h*w, D]

@@ -112,7 +112,7 @@ def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
 
 def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
     """Run the vision tower: pixel patches -> merged video embeddings [tokens, D]."""
-    out = model.model.get_video_features(pixel_values.to(model.device), grid_thw.to(model.device))
+    out = model.model.get_video_features(pixel_values.to(model.device, non_blocking=True), grid_thw.to(model.device))
     return torch.cat(out.pooler_output, dim=0)
 
 
@@ -280,7 +280,7 @@ def vision_config(model):
 
 
 def language_model(model):
-    """The decoder stack without embeddings' lm_head (5.x: `model.model.language_model`)."""
+    """The text decoder: embeddings and layers, no lm_head (5.x: `model.model.language_model`)."""
     return model.model.language_model
 
 

@@ -8,7 +8,9 @@ repeating it, as the HF video processor does.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -55,8 +57,9 @@ class Stream:
         out: list[ChunkStats] = []
         if last <= self.next_frame:
             return out
-        for chunk in self.source.prefetch_chunks(self.config.chunk_frames, first=self.next_frame, last=last):
-            stats = self.engine.encode(chunk.frames, chunk.first, chunk.padded, chunk.timestamps)
+        chunks = self.source.prefetch_chunks(self.config.chunk_frames, first=self.next_frame, last=last)
+        for chunk, prepared in self._prepared(chunks):
+            stats = self.engine.encode(chunk.frames, chunk.first, chunk.padded, chunk.timestamps, prepared=prepared)
             self.next_frame = chunk.first + len(chunk.frames) - (1 if chunk.padded else 0)
             out.append(stats)
             if on_chunk is not None:
@@ -64,6 +67,26 @@ class Stream:
             if should_stop is not None and should_stop():
                 break
         return out
+
+    def _prepared(self, chunks: Iterator, depth: int = 2) -> Iterator:
+        """Yield (chunk, preprocess(chunk)) with the CPU preprocessing of the next chunks running ahead,
+        so decoding and patchifying never stall the GPU."""
+        with ThreadPoolExecutor(1, thread_name_prefix="streamchat-prep") as pool:
+            ahead: deque = deque()
+            try:
+                for chunk in chunks:
+                    ahead.append((chunk, pool.submit(self.engine.preprocess, chunk.frames)))
+                    if len(ahead) > depth:
+                        head, fut = ahead.popleft()
+                        yield head, fut.result()
+                while ahead:
+                    head, fut = ahead.popleft()
+                    yield head, fut.result()
+            finally:
+                for _, fut in ahead:
+                    fut.cancel()
+                if hasattr(chunks, "close"):
+                    chunks.close()
 
     def read_frames(self, positions: list[int]) -> np.ndarray:
         """Frames at plan positions (for the offline runner); decoded again, so no frame stays in memory."""
