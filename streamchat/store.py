@@ -192,6 +192,15 @@ class Store:
         with self._write() as db:
             db.execute("update sessions set updated_utc = ? where id = ?", [utcnow(), session_id])
 
+    def update_session(self, session_id: str, **fields: Any) -> None:
+        """Change a session's plain columns (e.g. `video_path` after the video moved)."""
+        fields = {k: v for k, v in fields.items() if k not in ("id", "created_utc")}
+        with self._write() as db:
+            unknown = set(fields) - set(db["sessions"].columns_dict)
+            if unknown:
+                raise TypeError(f"sessions has no column(s) {sorted(unknown)}")
+            db["sessions"].update(session_id, {**fields, "updated_utc": utcnow()})
+
     def delete_session(self, name_or_id: str) -> list[str]:
         """Remove the session and its chunks, turns, snapshots and runs; return the snapshot
         paths so the caller can delete the files."""
