@@ -1,0 +1,113 @@
+"""Screens over the chat: the sessions list (resume one), help, and the confirm-discard dialog."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import Button, DataTable, Footer, Static
+
+
+class SessionsScreen(Screen[str | None]):
+    """Every session in the store, newest first; Enter resumes the highlighted one."""
+
+    BINDINGS = [
+        Binding("escape", "close", "Back", id="sessions.close"),
+        Binding("enter", "resume", "Resume", id="sessions.resume", priority=True),
+    ]
+
+    COLUMNS = ("name", "video", "model", "chunks", "turns", "snaps", "updated (UTC)")
+
+    def __init__(self, rows: list[dict]):
+        super().__init__()
+        self.rows = rows
+
+    def compose(self) -> ComposeResult:
+        yield Static("Sessions: Enter resumes from the latest snapshot, Esc goes back", id="sessions-title")
+        yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one(DataTable)
+        table.add_columns(*self.COLUMNS)
+        for r in self.rows:
+            video = r["video_path"].rsplit("/", 1)[-1]
+            video = video if len(video) <= 24 else video[:23] + "…"
+            table.add_row(r["name"], video, r["model_id"], r["n_chunks"], r["n_turns"], r["n_snapshots"],
+                          r["updated_utc"][:16].replace("T", " "), key=r["name"])
+        if not self.rows:
+            self.query_one("#sessions-title", Static).update("No sessions in the store yet. Esc goes back.")
+        table.focus()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.dismiss(event.row_key.value)
+
+    def action_resume(self) -> None:
+        table = self.query_one(DataTable)
+        if self.rows:
+            self.dismiss(table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value)
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class HelpScreen(ModalScreen[None]):
+    """The keys (as remapped by the keymap) and what they do."""
+
+    BINDINGS = [Binding("escape,f1,q", "close", "Close", id="help.close")]
+
+    def __init__(self, keys: list[tuple[str, str]]):
+        super().__init__()
+        self.keys = keys
+
+    def compose(self) -> ComposeResult:
+        width = max((len(k) for k, _ in self.keys), default=4)
+        lines = "\n".join(f"  {k.ljust(width)}  {d}" for k, d in self.keys)
+        with Vertical(id="help-box"):
+            yield Static("[b]streamchat keys[/b]", id="help-title")
+            yield Static(lines, id="help-keys", markup=False)
+            yield Static(
+                "Type a question and press Enter: it is answered at the stream's current position, "
+                "then encoding goes on. Keys can be remapped with --keymap FILE (JSON: binding id to keys).",
+                id="help-text",
+            )
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class ConfirmDiscard(ModalScreen[str]):
+    """Asked before an unsaved session is left: 'save', 'discard' or 'cancel'."""
+
+    BINDINGS = [
+        Binding("escape", "choose('cancel')", "Cancel", id="confirm.cancel"),
+        Binding("s", "choose('save')", "Save", id="confirm.save"),
+        Binding("d", "choose('discard')", "Discard", id="confirm.discard"),
+    ]
+
+    def __init__(self, verb: str = "quit", can_save: bool = True):
+        super().__init__()
+        self.verb = verb
+        self.can_save = can_save
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Static(
+                f"This session has chunks or answers not in a snapshot. {self.verb.capitalize()} anyway? "
+                "(The log stays in the store either way; only the cache would be lost.)",
+                id="confirm-text",
+            )
+            with Horizontal(id="confirm-buttons"):
+                if self.can_save:
+                    yield Button(f"Save and {self.verb} (s)", id="save", variant="primary")
+                yield Button(f"{self.verb.capitalize()} without saving (d)", id="discard", variant="error")
+                yield Button("Cancel (Esc)", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        self.dismiss(event.button.id)
+
+    def action_choose(self, choice: str) -> None:
+        if choice == "save" and not self.can_save:
+            return
+        self.dismiss(choice)

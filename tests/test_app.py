@@ -1,0 +1,357 @@
+"""The Textual app driven by Pilot on tiny-random and a generated clip.
+
+The clip: 2 s at 24 fps, 112x112, sampled at 4 fps = 8 frames, 2 frames a chunk = 4 chunks.
+A ChunkGate holds the engine inside a chunk, so every test knows where the stream is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import time
+
+import pytest
+from textual.widgets import DataTable, Input, Markdown, Static
+
+from streamchat.app import ChatApp, ChunkGate, Launch
+from streamchat.app.screens import ConfirmDiscard, HelpScreen, SessionsScreen
+from streamchat.app.widgets import ChunkTimeline
+from streamchat.config import SessionConfig
+from streamchat.store import Store
+from streamchat.video import Sampling
+
+SIZE = (120, 40)
+
+
+def aio(test):
+    """Run an async test with asyncio.run (no pytest async plugin needed); fixtures pass through."""
+
+    @functools.wraps(test)
+    def run(*args, **kwargs):
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def app_clip(tmp_path_factory):
+    from streamchat.clips import make_clip
+
+    return make_clip(tmp_path_factory.mktemp("app") / "clip.mp4", seconds=2.0, fps=24.0, width=112, height=112)
+
+
+def config(history: str = "keep", max_new_tokens: int = 12) -> SessionConfig:
+    return SessionConfig(model="tiny-random", sampling=Sampling(fps=4.0), chunk_frames=2, history=history,
+                         max_new_tokens=max_new_tokens)
+
+
+def make_app(tiny, clip, *, allow: int | None = None, name: str | None = "app-test", **kw) -> tuple[ChatApp, ChunkGate]:
+    gate = ChunkGate(allow)
+    launch = Launch(video=str(clip), config=kw.pop("cfg", config()), device="cpu", dtype="float32", loaded=tiny, name=name)
+    return ChatApp(launch, gate=gate, **kw), gate
+
+
+async def until(pilot, cond, timeout: float = 15.0, what: str = "condition") -> None:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.01)
+
+
+def chat_texts(app) -> list[str]:
+    return [str(w.render()) for w in app.query("#chat Static")]
+
+
+async def ask(pilot, question: str) -> None:
+    await pilot.click("#question")
+    await pilot.press(*question, "enter")
+
+
+async def pause_after(pilot, app, gate: ChunkGate, chunks: int) -> None:
+    """Pause encoding with `chunks` chunks in the cache: hold the next one, press pause, let it go."""
+    await until(pilot, lambda: gate.waiting == chunks - 1, what=f"engine held inside chunk {chunks - 1}")
+    await pilot.press("f2")
+    gate.allow(None)
+    await until(pilot, lambda: app.state == "paused", what="paused")
+
+
+def session_row(name: str = "app-test") -> tuple[dict, list[dict], list[dict]]:
+    with Store() as store:
+        row = store.get_session(name)
+        return row, store.chunks(row["id"]), store.turns(row["id"])
+
+
+@aio
+async def test_question_while_encoding_is_answered_at_the_current_position_then_encoding_continues(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 1, what="engine held inside chunk 1")
+        await ask(pilot, "What moves?")
+        view = app.turns[1]
+        assert "waiting" in str(view.figures.render())  # queued: the engine is inside a chunk
+        gate.allow(2)  # chunk 1 finishes, the question is taken, then chunk 2 starts and is held
+        await until(pilot, lambda: app.last_answer is not None and gate.waiting == 2, what="answer, then chunk 2")
+        row, chunks, turns = session_row()
+        assert len(turns) == 1 and turns[0]["frames_seen"] == 4  # two chunks of two frames
+        assert turns[0]["at_s"] == pytest.approx(0.75)
+        assert app.last_answer == turns[0]["answer"]
+        assert view.answer.source == turns[0]["answer"]
+        assert view.written and turns[0]["answer"].startswith(view.written)  # it came through the stream
+        figures = str(view.figures.render())
+        assert f"cache {turns[0]['cache_tokens']} tokens" in figures and "TTFT" in figures and "tok/s" in figures
+        assert f"{turns[0]['new_tokens']} tokens" in figures
+        timeline = app.query_one(ChunkTimeline)
+        assert timeline.marks == {1} and timeline.cached == 2 and timeline.encoding == 2
+        gate.allow(None)
+        await until(pilot, lambda: app.state == "done", what="done")
+        assert len(session_row()[1]) == 4
+        assert "8/8 frames" in str(app.query_one("#rate", Static).render())
+
+
+@aio
+async def test_pause_stops_encoding_between_chunks_and_resume_finishes(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 1, what="held in chunk 1")
+        await pilot.press("f2")
+        gate.allow(None)
+        await until(pilot, lambda: app.state == "paused", what="paused")
+        assert "paused" in app.sub_title
+        await pilot.pause(0.3)
+        assert app.query_one(ChunkTimeline).cached == 2 and len(session_row()[1]) == 2
+        await pilot.press("f2")
+        await until(pilot, lambda: app.state == "done", what="done")
+        assert len(session_row()[1]) == 4 and "done" in app.sub_title
+
+
+@aio
+async def test_keys_are_remappable_by_binding_id(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1, keymap={"streamchat.pause": "ctrl+t"})
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 1)
+        await pilot.press("f2")  # no longer bound
+        await pilot.press("ctrl+t")
+        gate.allow(None)
+        await until(pilot, lambda: app.state == "paused", what="paused by ctrl+t")
+        assert app.engine.paused
+        for b in ChatApp.BINDINGS:
+            assert b.id and b.key not in ("ctrl+s", "ctrl+j")
+
+
+@aio
+async def test_snapshot_quit_then_resume_continues_the_conversation(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        await ask(pilot, "What is red?")
+        await until(pilot, lambda: app.last_answer is not None, what="answer")
+        first = app.last_answer
+        await pilot.press("ctrl+q")  # unsaved: asks first
+        await until(pilot, lambda: isinstance(app.screen, ConfirmDiscard), what="confirm dialog")
+        await pilot.press("s")  # save and quit
+        await until(pilot, lambda: not app.is_running, what="exit after save")
+    row, chunks, turns = session_row()
+    with Store() as store:
+        snaps = store.snapshots(row["id"])
+    assert len(snaps) == 1 and snaps[0]["frames"] == 4 and snaps[0]["chunks"] == 2
+
+    resumed = ChatApp(Launch(resume="app-test", device="cpu", loaded=tiny))
+    async with resumed.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: resumed.info is not None, what="resumed")
+        assert resumed.info.frames_done == 4 and resumed.turn_count == 1
+        assert resumed.turns[1].answer.source == first  # the earlier conversation is shown
+        assert resumed.query_one(ChunkTimeline).marks == {1}
+        await until(pilot, lambda: resumed.state == "done", what="rest of the video encoded")
+        await ask(pilot, "And now?")
+        await until(pilot, lambda: resumed.last_answer not in (None, first), what="second answer")
+    row, chunks, turns = session_row()
+    assert [t["question"] for t in turns] == ["What is red?", "And now?"]
+    assert turns[1]["frames_seen"] == 8  # continued from the snapshot's 4 frames to the end
+    assert [c["chunk_index"] for c in chunks] == [0, 1, 2, 3]  # not re-encoded from the start
+    # history=keep: the first turn stays in the cache, so the second sees more than the 8 frames' tokens
+    assert turns[1]["cache_tokens"] > chunks[-1]["cache_tokens_after"] - turns[0]["new_tokens"]
+
+
+@aio
+async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1, name="older")
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        await pilot.press("f3")  # save a snapshot of 'older' at two chunks
+        await until(pilot, lambda: not app.unsaved and any("Snapshot saved" in t for t in chat_texts(app)))
+    app, gate = make_app(tiny, app_clip, allow=1, name="newer")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 1)
+        gate.allow(2)  # newer goes on to chunk 2; older, resumed with 2 chunks, is held in its chunk 2
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, SessionsScreen))
+        table = app.screen.query_one(DataTable)
+        names = [table.get_row_at(i)[0] for i in range(table.row_count)]
+        assert names == ["newer", "older"]  # newest first
+        assert table.get_row_at(1)[5] == 1  # older has one snapshot
+        await pilot.press("down", "enter")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmDiscard), what="ask before leaving 'newer'")
+        await pilot.press("d")
+        await until(pilot, lambda: app.info is not None and app.info.session == "older", what="switched")
+        assert app.info.frames_done == 4 and app.query_one(ChunkTimeline).cached == 2
+        await until(pilot, lambda: gate.waiting == 2, what="'older' held in its chunk 2")
+        gate.allow(None)
+        await until(pilot, lambda: app.state == "done")
+    with Store() as store:
+        assert len(store.chunks(store.get_session("older")["id"])) >= 4
+
+
+@aio
+async def test_engine_error_is_a_message_not_a_crash(tiny, app_clip, monkeypatch):
+    from streamchat.engine import StreamEngine
+
+    encode = StreamEngine.encode
+
+    def failing(self, *args, **kwargs):
+        if self.chunks_encoded == 2:
+            raise RuntimeError("boom in the vision tower")
+        return encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(StreamEngine, "encode", failing)
+    app, gate = make_app(tiny, app_clip)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: any("boom" in t for t in chat_texts(app)), what="error in the chat")
+        assert app.is_running and app.state == "paused"
+        assert any("encoding stopped: RuntimeError: boom in the vision tower" in t for t in chat_texts(app))
+        await ask(pilot, "Still there?")  # the app and the engine keep working
+        await until(pilot, lambda: app.last_answer is not None, what="answer after the error")
+    row, chunks, turns = session_row()
+    assert len(chunks) == 2 and len(turns) == 1 and turns[0]["frames_seen"] == 4
+
+
+@aio
+async def test_a_session_that_cannot_open_is_shown_and_the_app_stays_up(tiny, tmp_path):
+    app = ChatApp(Launch(video=str(tmp_path / "missing.mp4"), config=config(), device="cpu", loaded=tiny))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.state == "failed", what="failed state")
+        assert any("video not found" in t for t in chat_texts(app))
+        await ask(pilot, "anyone?")
+        assert "no engine" in str(app.turns[1].figures.render())
+        assert app.is_running
+
+
+@aio
+async def test_typing_is_echoed_and_a_question_submitted_while_the_engine_is_inside_a_chunk(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 1)
+        box = app.query_one("#question", Input)
+        box.focus()
+        delays = []
+        for ch in "what is red":
+            t0 = time.perf_counter()
+            await pilot.press(ch if ch != " " else "space")
+            await until(pilot, lambda: box.value.endswith(ch), timeout=2.0, what=f"echo of {ch!r}")
+            delays.append(time.perf_counter() - t0)
+        assert box.value == "what is red" and gate.waiting == 1  # the engine never left the chunk
+        assert max(delays) < 0.5
+        await pilot.press("enter")
+        assert box.value == "" and app.turn_count == 1 and gate.waiting == 1
+        gate.allow(None)
+        await until(pilot, lambda: app.last_answer is not None)
+
+
+@aio
+async def test_compare_last_answer_with_offline_matches_on_cpu_float32(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=2)
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 3)
+        await ask(pilot, "What colour is the square?")
+        await until(pilot, lambda: app.last_answer is not None)
+        await pilot.press("f4")
+        await until(pilot, lambda: app.query("#chat .compare"), what="comparison in the chat")
+        text = app.query_one("#chat .compare", Markdown).source
+        assert "identical tokens" in text and "Offline" in text
+    row, chunks, turns = session_row()
+    offline = [t for t in turns if t["mode"] == "offline"]
+    streaming = [t for t in turns if t["mode"] == "streaming"]
+    assert len(offline) == 1 and offline[0]["replay_of"] == streaming[0]["id"]
+    assert offline[0]["token_ids"] == streaming[0]["token_ids"]
+
+
+@aio
+async def test_copy_help_and_quit_without_unsaved_work(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=0)  # held in chunk 0: nothing to lose
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 0)
+        await pilot.press("f6")
+        assert app.clipboard == ""  # nothing to copy yet
+        app.last_answer = "an answer"
+        await pilot.press("f6")
+        assert app.clipboard == "an answer"
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        keys = str(app.screen.query_one("#help-keys", Static).render())
+        assert "f2" in keys and "Pause/Resume" in keys and "ctrl+q" in keys
+        await pilot.press("escape")
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: not app.is_running, what="quit without asking")
+
+
+@aio
+async def test_quit_asks_and_cancel_keeps_the_app_open(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: gate.waiting == 1 and app.unsaved)
+        await pilot.press("ctrl+q")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmDiscard))
+        await pilot.press("escape")
+        await pilot.pause()
+        assert app.is_running and not isinstance(app.screen, ConfirmDiscard)
+        await pilot.press("ctrl+q", "d")
+        await until(pilot, lambda: not app.is_running, what="discard and quit")
+
+
+@aio
+async def test_app_session_is_listed_exported_and_replayed_by_the_cli(tiny, app_clip, capsys):
+    from streamchat.cli import main
+
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        await ask(pilot, "Where is the disc?")
+        await until(pilot, lambda: app.last_answer is not None)
+        answer = app.last_answer
+    capsys.readouterr()
+    assert main(["sessions", "list", "--json"]) == 0
+    assert "app-test" in capsys.readouterr().out
+    assert main(["sessions", "export", "app-test", "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [t["answer"] for t in doc["turns"]] == [answer] and len(doc["chunks"]) == 2
+    assert await asyncio.to_thread(main, ["replay", "app-test", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["all_identical"] is True and report["replayed"] == 1
+
+
+def test_chat_command_errors_are_one_line(capsys, tmp_path):
+    from streamchat.cli import main
+
+    assert main(["chat"]) == 2
+    assert "give a VIDEO" in capsys.readouterr().err
+    assert main(["chat", "--resume", "nope"]) == 2
+    assert "no session named nope" in capsys.readouterr().err
+    assert main(["chat", str(tmp_path / "missing.mp4"), "--model", "tiny-random"]) == 2
+    assert "video not found" in capsys.readouterr().err
+    (tmp_path / "keys.json").write_text("[1, 2]")
+    assert main(["demo", "--keymap", str(tmp_path / "keys.json")]) == 2
+    assert "must be a JSON object of binding id to keys" in capsys.readouterr().err
+
+
+def test_demo_writes_a_clip_in_home_and_opens_tiny_random_with_a_note(monkeypatch, streamchat_home):
+    import streamchat.cli_app as cli_app
+    from streamchat.cli import main
+
+    opened = {}
+    monkeypatch.setattr(cli_app, "_run", lambda launch, keymap: opened.setdefault("launch", launch) and 0)
+    assert main(["demo", "--seconds", "1"]) == 0
+    launch = opened["launch"]
+    assert launch.config.model == "tiny-random" and launch.device == "cpu" and launch.config.history == "keep"
+    assert "random weights" in launch.note and "noise" in launch.note
+    assert launch.video.startswith(str(streamchat_home)) and (streamchat_home / "demo").is_dir()
