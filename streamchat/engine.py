@@ -270,6 +270,26 @@ class StreamEngine:
         else:
             self.transcript.append(TextSeg(list(ids)))
 
+    def warmup(self, frames: np.ndarray | None = None) -> None:
+        """Run the engine's kernels once on a throwaway cache (a chunk if frames are given, and a short
+        question), so the first real chunk and question pay no one-time GPU setup (CUDA module loading,
+        kernel selection). The live state is untouched."""
+        saved = (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
+                 self.chunks_encoded, self.turns, self.chunk_hook)
+        history = self.config.history
+        try:
+            self.chunk_hook = None
+            self.config.history = "drop"
+            self.reset()
+            if frames is None:
+                frames = np.zeros((2, 56, 56, 3), dtype=np.uint8)
+            self.encode(frames[:2], 0)
+            self.ask("warm up", max_new_tokens=3)
+        finally:
+            self.config.history = history
+            (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
+             self.chunks_encoded, self.turns, self.chunk_hook) = saved
+
     # --- questions ----------------------------------------------------------------------------
 
     def question_ids(self, question: str) -> list[int]:

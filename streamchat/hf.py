@@ -235,17 +235,89 @@ def use_stream_attention(model, enabled: bool = True) -> None:
 # --- the KV cache -------------------------------------------------------------------------------
 
 
-def new_cache(model):
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A cache layer whose keys/values are views into buffers with spare room.
+
+        `DynamicLayer.update` concatenates, copying the layer's whole cache on every append and every
+        decoded token (~2.8 ms per step at 57k tokens for the 3B model). Here appends write in place;
+        the buffers grow by at most GROW_TOKENS at a time, so the spare room stays small
+        (16k tokens = 0.6 GB for the 3B model, under the "weights + cache + 1 GiB" budget).
+        """
+
+        GROW_TOKENS = 16384
+
+        def lazy_initialization(self, key_states, value_states) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._k = self._v = None
+            self._len = 0
+
+        def _reserve(self, need: int, like_k, like_v) -> None:
+            cap = 0 if self._k is None else self._k.shape[-2]
+            if need <= cap:
+                return
+            new_cap = need + min(max(need // 4, 1024), self.GROW_TOKENS)
+            # buffers: [B, H_kv, capacity, D]
+            k = like_k.new_empty(*like_k.shape[:-2], new_cap, like_k.shape[-1])
+            v = like_v.new_empty(*like_v.shape[:-2], new_cap, like_v.shape[-1])
+            if self._len:
+                k[..., : self._len, :].copy_(self._k[..., : self._len, :])
+                v[..., : self._len, :].copy_(self._v[..., : self._len, :])
+            self._k, self._v = k, v
+
+        def _views(self) -> None:
+            self.keys = self._k[..., : self._len, :]
+            self.values = self._v[..., : self._len, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n = key_states.shape[-2]
+            self._reserve(self._len + n, key_states, value_states)
+            self._k[..., self._len : self._len + n, :].copy_(key_states)
+            self._v[..., self._len : self._len + n, :].copy_(value_states)
+            self._len += n
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self._len if self.is_initialized else 0
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if not self.is_initialized or tokens_to_remove == 0:
+                return
+            keep = self._len - abs(tokens_to_remove) if tokens_to_remove < 0 else min(tokens_to_remove, self._len)
+            self._len = max(keep, 0)
+            self._views()
+
+    return GrowingLayer
+
+
+_GROWING = None
+
+
+def new_cache(model, growing: bool = True):
+    """An empty cache for `model`: one growing layer per decoder layer, or transformers' stock one."""
+    global _GROWING
     from transformers import DynamicCache
 
-    return DynamicCache(config=model.config)
+    if not growing:
+        return DynamicCache(config=model.config)
+    if _GROWING is None:
+        _GROWING = _growing_layer_class()
+    cache = DynamicCache(config=model.config)
+    cache.layers[:] = [_GROWING() for _ in cache.layers]
+    return cache
 
 
 def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    """A DynamicCache holding the given per-layer (keys, values), each [B, H_kv, S, D]."""
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers, config=model.config)
+    """A cache holding the given per-layer (keys, values), each [B, H_kv, S, D]."""
+    cache = new_cache(model)
+    for layer, (k, v) in zip(cache.layers, layers):
+        layer.update(k, v)
+    return cache
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -89,7 +89,7 @@ def answer_offline(
             positions.append(cursor.video(t_count, h, w, interval))
             pixels.append(pv)
             grids.append(grid)
-    cache = hf.new_cache(model)
+    cache = hf.new_cache(model, growing=False)  # the stock DynamicCache, as a plain user has
     logits = hf.full_forward(
         model,
         torch.tensor(ids),

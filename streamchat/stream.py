@@ -27,6 +27,10 @@ class Stream:
         self.config = config
         self.fps = config.sampling.sampled_fps(source.info.native_fps)
         self.engine = StreamEngine(loaded, config, self.fps)
+        if loaded.device.type == "cuda":
+            # pay CUDA's one-time setup now, not on the first chunk or the first question
+            h, w = source.info.resized_height, source.info.resized_width
+            self.engine.warmup(np.zeros((2, h, w, 3), dtype=np.uint8))
         self.next_frame = 0  # plan position of the next frame to encode
         self._cache: dict[int, np.ndarray] = {}
 

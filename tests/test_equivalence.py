@@ -144,3 +144,15 @@ def test_cache_bytes_is_the_real_tensor_size(tiny, clip_24fps):
     per_token = tc.num_hidden_layers * 2 * tc.num_key_value_heads * (tc.hidden_size // tc.num_attention_heads) * 4
     assert per_token == 512  # 2 layers x (K + V) x 2 heads x 16 dims x 4 bytes
     assert stats[-1].cache_bytes == stats[-1].cache_tokens * per_token > 0
+
+
+def test_warmup_leaves_the_stream_untouched(tiny, clip_24fps):
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=8.0), chunk_frames=4, history="keep", max_new_tokens=6)
+    a = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+    b = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+    a.encode_until(8)
+    b.encode_until(8)
+    a.engine.warmup()
+    assert a.engine.cache_tokens == b.engine.cache_tokens and a.engine.cursor == b.engine.cursor
+    assert a.engine.config.history == "keep"
+    assert a.engine.ask("Where?").token_ids == b.engine.ask("Where?").token_ids

@@ -1,0 +1,30 @@
+"""streamchat's growing cache layer holds exactly what transformers' DynamicCache holds."""
+
+from __future__ import annotations
+
+import torch
+
+from streamchat import hf
+
+
+def test_growing_cache_equals_stock_cache_through_appends_and_rollbacks(tiny):
+    ours, stock = hf.new_cache(tiny.model), hf.new_cache(tiny.model, growing=False)
+    gen = torch.Generator().manual_seed(0)
+    steps = [700, 1, 1, -2, 3000, 5, -5, 1, 20000]  # > 0: append that many tokens; < 0: roll back
+    for step in steps:
+        for idx, (a, b) in enumerate(zip(ours.layers, stock.layers)):
+            if step > 0:
+                k = torch.randn(1, 2, step, 16, generator=gen)
+                v = torch.randn(1, 2, step, 16, generator=gen)
+                ka, va = a.update(k, v)
+                kb, vb = b.update(k, v)
+                assert torch.equal(ka, kb) and torch.equal(va, vb)
+        if step < 0:
+            hf.cache_drop_tail(ours, -step)
+            hf.cache_drop_tail(stock, -step)
+        assert hf.cache_len(ours) == hf.cache_len(stock)
+    assert hf.cache_len(ours) == 700 + 1 + 1 - 2 + 3000 + 5 - 5 + 1 + 20000
+    assert hf.cache_bytes(ours) == hf.cache_bytes(stock) == hf.cache_len(ours) * 512
+    layer = ours.layers[0]
+    spare = layer._k.shape[-2] - hf.cache_len(ours)
+    assert 0 <= spare <= layer.GROW_TOKENS  # the room kept ahead stays bounded
