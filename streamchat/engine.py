@@ -94,6 +94,21 @@ class Answer:
         decode_s = self.latency_s - self.ttft_s
         return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
 
+    def turn_fields(self) -> dict:
+        """The figures a logged turn stores (store.log_turn), in the store's units."""
+        return {
+            "frames_seen": self.frames_seen,
+            "question": self.question,
+            "answer": self.text,
+            "token_ids": self.token_ids,
+            "ttft_ms": self.ttft_s * 1000,
+            "latency_ms": self.latency_s * 1000,
+            "new_tokens": self.new_tokens,
+            "tokens_per_s": self.tokens_per_s,
+            "cache_tokens": self.cache_tokens,
+            "peak_bytes": self.peak_bytes,
+        }
+
     def to_json(self) -> dict:
         return {
             "question": self.question,
@@ -142,16 +157,21 @@ def greedy_decode(
     max_new_tokens: int,
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
-) -> list[int]:
-    """Greedy generation from `logits`; every token but the last is appended to `cache` at `cursor`."""
+) -> tuple[list[int], list[float]]:
+    """Greedy generation from `logits`; every token but the last is appended to `cache` at `cursor`.
+
+    Returns the tokens and the host time each one was ready (after a device sync), for TTFT/latency.
+    """
     out: list[int] = []
+    stamps: list[float] = []
     while True:
-        token = int(torch.argmax(logits))
+        token = int(torch.argmax(logits))  # .item() waits for the device
+        stamps.append(now())
         out.append(token)
         if on_token is not None:
             on_token(token)
         if token in eos or len(out) >= max_new_tokens:
-            return out
+            return out, stamps
         embeds = hf.embed_tokens(model, torch.tensor([token], device=model.device))
         hidden = hf.lm_forward(model, embeds, cursor.text(1), cache)
         logits = hf.lm_head(model, hidden)
@@ -334,15 +354,7 @@ class StreamEngine:
         embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
         logits = hf.lm_head(self.model, hf.lm_forward(self.model, embeds, self.cursor.text(len(feed)), self.cache))
         first_logits = logits.detach().cpu()
-        stamps: list[float] = []
-
-        def token_cb(token: int) -> None:
-            sync(dev)
-            stamps.append(now())
-            if on_token is not None:
-                on_token(token)
-
-        gen = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, token_cb)
+        gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token)
         sync(dev)
         answer = Answer(
             question=question.strip(),

@@ -101,15 +101,7 @@ def answer_offline(
     sync(dev)
     prefill_s = now() - t0
     first_logits = logits.detach().cpu()
-    stamps: list[float] = []
-
-    def token_cb(token: int) -> None:
-        sync(dev)
-        stamps.append(now())
-        if on_token is not None:
-            on_token(token)
-
-    gen = greedy_decode(model, cache, cursor, logits, max_new_tokens, vocab.eos, token_cb)
+    gen, stamps = greedy_decode(model, cache, cursor, logits, max_new_tokens, vocab.eos, on_token)
     frames_seen = max((max(s.frames) + 1 for s in prompt if isinstance(s, VideoSeg)), default=0)
     answer = Answer(
         question=question,
