@@ -105,10 +105,11 @@ def emit(args, doc: dict, text: str) -> None:
         sys.stdout.write(text + ("\n" if not text.endswith("\n") else ""))
 
 
-def progress_for(args, total: int, label: str):
+def progress_for(args, total: int, label: str, unit: str = "frames"):
+    """A progress bar on stderr: only on a TTY and never with --json."""
     from .progress import Progress
 
-    return Progress(total, label, enabled=(not args.json) and sys.stderr.isatty())
+    return Progress(total, label, enabled=(not args.json) and sys.stderr.isatty(), unit=unit)
 
 
 # --- commands -----------------------------------------------------------------------------------

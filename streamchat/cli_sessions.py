@@ -325,7 +325,19 @@ def cmd_logs(args) -> int:
 def cmd_replay(args) -> int:
     from .replay import replay_session, text_report, write_report
 
-    report = replay_session(args.name, load_model=_loader(args), video=args.video)
+    from .store import Store
+
+    with Store() as store:
+        total = len(store.turns(store.get_session(args.name)["id"], mode="streaming"))
+    bar = progress_for(args, total, "replaying", unit="turns")
+    done = [0]
+
+    def on_turn(_entry: dict) -> None:
+        done[0] += 1
+        bar.update(done[0])
+
+    report = replay_session(args.name, load_model=_loader(args), video=args.video, on_turn=on_turn)
+    bar.close()
     if args.report:
         image = write_report(report, Path(args.report))
         report["report"] = {"markdown": args.report, "png": str(image) if image else None}
