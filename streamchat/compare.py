@@ -101,7 +101,8 @@ def text_report(r: dict) -> str:
     smp = r["sampling"]
     lines = [
         f"streamchat compare — {r['video']}",
-        f"model {r['model']} on {r['device']} ({r['dtype']})",
+        f"model {r['model']} on {r['device']} ({r['dtype']})"
+        + ("  [random weights: answers are noise; compare the tokens and logits]" if "random" in r["model"] else ""),
         "",
         "Frame sampling",
         f"  native {smp['native_fps']:.3f} fps -> {smp['sampled_fps']:.3f} fps, {smp['size'][0]}x{smp['size'][1]}, "
@@ -140,10 +141,11 @@ def text_report(r: dict) -> str:
     ]
     if "analysis" in r:
         a = r["analysis"]
-        lines.append(
-            f"  TTFT speedup {a['ttft_speedup']}x, latency speedup {a['latency_speedup']}x, "
-            f"offline peak memory {'+' if a['peak_memory_delta_bytes'] >= 0 else ''}{mib(a['peak_memory_delta_bytes'])} MiB vs streaming"
+        memory = (
+            "GPU memory n/a on the CPU" if r["device"] == "cpu"
+            else f"offline peak memory {'+' if a['peak_memory_delta_bytes'] >= 0 else ''}{mib(a['peak_memory_delta_bytes'])} MiB vs streaming"
         )
+        lines.append(f"  TTFT speedup {a['ttft_speedup']}x, latency speedup {a['latency_speedup']}x, {memory}")
     return "\n".join(lines)
 
 
