@@ -39,13 +39,19 @@ def register(sub) -> None:
         "tiny-random, a model with random weights: its answers are noise.",
     )
     p.add_argument("--seconds", type=float, default=8.0, help="length of the sample clip (default: 8)")
-    _add_app_options(p)
+    _add_app_options(p, realtime_default=True)
     add_video_options(p)
     add_engine_options(p, history_default="keep")
     p.set_defaults(func=cmd_demo, model="tiny-random", device="cpu")
 
 
-def _add_app_options(p) -> None:
+def _add_app_options(p, realtime_default: bool = False) -> None:
+    if realtime_default:
+        p.add_argument("--no-realtime", dest="realtime", action="store_false", default=True,
+                       help="encode as fast as the model can instead of at the video's own pace (default: at the video's pace)")
+    else:
+        p.add_argument("--realtime", action="store_true", default=False,
+                       help="encode at the video's own pace, as a live source would arrive (default: as fast as possible)")
     p.add_argument("--keymap", metavar="FILE", default=None,
                    help='JSON file mapping binding ids to keys, e.g. {"streamchat.pause": "ctrl+t"} (default: none; F1 in the app lists the keys)')
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
@@ -81,12 +87,14 @@ def cmd_chat(args) -> int:
 
         with Store() as store:
             store.get_session(args.resume)  # a missing name is a one-line error, before the app opens
-        return _run(Launch(resume=args.resume, video=args.video, device=args.device, dtype=args.dtype), keymap)
+        return _run(Launch(resume=args.resume, video=args.video, device=args.device, dtype=args.dtype,
+                           realtime=args.realtime), keymap)
     if not args.video:
         raise UserError("give a VIDEO to chat about, or --resume NAME (`streamchat sessions list` shows them)")
     config = config_from(args)
     open_video(args.video, config).close()  # a bad file is a one-line error, before the app opens
-    return _run(Launch(video=args.video, config=config, device=args.device, dtype=args.dtype, name=args.name), keymap)
+    return _run(Launch(video=args.video, config=config, device=args.device, dtype=args.dtype, name=args.name,
+                       realtime=args.realtime), keymap)
 
 
 def cmd_demo(args) -> int:
@@ -102,4 +110,5 @@ def cmd_demo(args) -> int:
     if not clip.exists():
         make_clip(clip, seconds=args.seconds, fps=24.0, width=224, height=224)
     note = DEMO_NOTE if args.model == "tiny-random" else None
-    return _run(Launch(video=str(clip), config=config, device=args.device, dtype=args.dtype, note=note), keymap)
+    return _run(Launch(video=str(clip), config=config, device=args.device, dtype=args.dtype, note=note,
+                       realtime=args.realtime), keymap)

@@ -354,4 +354,32 @@ def test_demo_writes_a_clip_in_home_and_opens_tiny_random_with_a_note(monkeypatc
     launch = opened["launch"]
     assert launch.config.model == "tiny-random" and launch.device == "cpu" and launch.config.history == "keep"
     assert "random weights" in launch.note and "noise" in launch.note
+    assert launch.realtime is True  # the demo streams at the clip's own pace, so there is encoding to watch
     assert launch.video.startswith(str(streamchat_home)) and (streamchat_home / "demo").is_dir()
+
+
+def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(tiny, app_clip):
+    from streamchat.app.worker import EngineWorker, open_session
+
+    now = [100.0]
+    launch = Launch(video=str(app_clip), config=config(), device="cpu", dtype="float32", loaded=tiny,
+                    name="paced", realtime=True)
+    worker = EngineWorker(launch, post=lambda msg: None, clock=lambda: now[0])
+    worker.live = open_session(launch, tiny)
+    try:
+        # 4 fps, 2 frames a chunk: chunk 0 holds t = 0, 0.25 -> due 0.25 s after the start
+        assert worker._due() is False
+        now[0] += 0.24
+        assert worker._due() is False
+        now[0] += 0.02
+        assert worker._due() is True
+        worker.live.encode_next_chunk()
+        assert worker._due() is False  # chunk 1 ends at 0.75 s
+        worker.toggle_pause()
+        now[0] += 10.0  # paused time is not video time
+        worker.toggle_pause()
+        assert worker._due() is False
+        now[0] += 0.5
+        assert worker._due() is True
+    finally:
+        worker.live.close()

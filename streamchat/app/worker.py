@@ -41,6 +41,7 @@ class Launch:
     name: str | None = None  # name for a new session (default: generated from the video)
     note: str | None = None  # shown above the chat (the demo's "random weights" warning)
     loaded: Loaded | None = None  # an already loaded model (tests, benchmarks, switching sessions)
+    realtime: bool = False  # encode no chunk before its last frame's time, as a live source would
 
 
 class ChunkGate:
@@ -159,6 +160,10 @@ class EngineWorker:
         self.state = "starting"
         self.last: tuple[Answer, str | None] | None = None  # the last answer and its turn id
         self._deferred: list[tuple] = []  # questions asked before the first frames were in the cache
+        self._pace_t0: float | None = None  # realtime pacing: wall clock when encoding started
+        self._pace_origin = 0.0  # the video second encoding started from
+        self._paused_total = 0.0
+        self._paused_since: float | None = None
 
     # --- called from the UI thread ------------------------------------------------------------
 
@@ -174,8 +179,12 @@ class EngineWorker:
     def toggle_pause(self) -> bool:
         """Pause or resume encoding (takes effect between chunks); returns True when now paused."""
         if self._paused.is_set():
+            if self._paused_since is not None:
+                self._paused_total += self.clock() - self._paused_since
+                self._paused_since = None
             self._paused.clear()
         else:
+            self._paused_since = self.clock()
             self._paused.set()
         self.commands.put(("state",))
         return self._paused.is_set()
@@ -202,7 +211,7 @@ class EngineWorker:
             self.post(self._ready())
             self._set_state()
             while not self._stop.is_set():
-                busy = not self._paused.is_set() and not self.live.done
+                busy = not self._paused.is_set() and not self.live.done and self._due()
                 try:
                     cmd = self.commands.get_nowait() if busy else self.commands.get(timeout=0.05)
                 except queue.Empty:
@@ -213,6 +222,18 @@ class EngineWorker:
                     self._encode_one()
         finally:
             self.live.close()
+
+    def _due(self) -> bool:
+        """With --realtime, whether the next chunk's last frame has "arrived" (pauses don't count)."""
+        if not self.launch.realtime:
+            return True
+        s = self.live.stream
+        if self._pace_t0 is None:
+            self._pace_t0 = self.clock()
+            self._pace_origin = s.source.plan[s.next_frame][1] if s.next_frame < s.total_frames else 0.0
+        last = min(s.next_frame + s.config.chunk_frames, s.total_frames) - 1
+        elapsed = self.clock() - self._pace_t0 - self._paused_total
+        return s.source.plan[last][1] - self._pace_origin <= elapsed
 
     def _ready(self) -> m.EngineReady:
         live = self.live
