@@ -320,7 +320,6 @@ def _ask(engine, s: BenchSettings, costs: Costs, rates: dict):
 def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None = None) -> dict:
     """Streaming, then offline, on the same synthetic frames; every figure in one JSON-able dict."""
     import torch
-    import transformers
 
     from . import hf
     from .compare import match
@@ -438,7 +437,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
             "model": loaded.model_id, "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
             "dtype": str(loaded.dtype).replace("torch.", ""), **asdict(s), "question": QUESTION, "history": config.history,
-            "torch": torch.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "transformers": hf.transformers_version(),
             "cudnn_sdp_streaming": bool(cuda and torch.backends.cuda.cudnn_sdp_enabled()),
         },
         "warmup": {"ran": s.warmup, "s": None if warmup_s is None else round(warmup_s, 6), "warms": WARMUP_WARMS if s.warmup else None},

@@ -56,6 +56,20 @@ def build_from_config(config, *, dtype: torch.dtype, device: str):
     return model.eval()
 
 
+def new_model(config):
+    """A freshly initialised model of `config` (default init, float32, CPU)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration(config)
+
+
+def tokenizer_from_dir(path: str):
+    """Qwen2's tokenizer class over a local tokenizer.json (5.x: one class, no slow/fast split)."""
+    from transformers import Qwen2TokenizerFast
+
+    return Qwen2TokenizerFast.from_pretrained(path)
+
+
 def qwen25vl_config(**kwargs):
     from transformers import Qwen2_5_VLConfig
 

@@ -76,7 +76,7 @@ def build_tokenizer(out_dir: Path, qwen_ids: bool = False):
     merges never produce), so a model with the real vocabulary size can be driven by it.
     """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2TokenizerFast
+    from . import hf
 
     pretokenize = (
         r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -131,7 +131,7 @@ def build_tokenizer(out_dir: Path, qwen_ids: bool = False):
         )
     )
     (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    tokenizer = Qwen2TokenizerFast.from_pretrained(str(out_dir))
+    tokenizer = hf.tokenizer_from_dir(str(out_dir))
     if qwen_ids:
         for token, idx in QWEN_SPECIAL_IDS.items():
             assert tokenizer.convert_tokens_to_ids(token) == idx, (token, idx)
@@ -141,18 +141,13 @@ def build_tokenizer(out_dir: Path, qwen_ids: bool = False):
 def build_tiny():
     """Return (model, processor) for `tiny-random`: float32, on the CPU, same weights every call."""
     import torch
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+
+    from . import hf
 
     with tempfile.TemporaryDirectory(prefix="streamchat-tiny-") as tmp:
         tokenizer = build_tokenizer(Path(tmp))
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = Qwen2_5_VLConfig(
+    config = hf.qwen25vl_config(
         text_config=dict(
             vocab_size=len(tokenizer),
             hidden_size=64,
@@ -194,15 +189,10 @@ def build_tiny():
     fork_devices = []  # keep the global RNG untouched for callers
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(SEED)
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = hf.new_model(config)
         with torch.no_grad():
             # random init gives nearly flat logits; scaling makes greedy argmax decisive
             model.lm_head.weight.mul_(50.0)
     model.eval()
-    processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(),
-        tokenizer=tokenizer,
-        video_processor=Qwen2VLVideoProcessor(),
-        chat_template=CHAT_TEMPLATE,
-    )
+    processor = hf.default_processor(tokenizer, CHAT_TEMPLATE)
     return model, processor
