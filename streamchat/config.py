@@ -21,6 +21,7 @@ class SessionConfig:
     max_new_tokens: int = 64  # enough for a sentence or two
     system_prompt: str = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
     stream_attention: bool = True  # lower-right causal SDPA without a mask (hf.py); False = stock sdpa
+    static_decode: bool = True  # decode steps on fixed-shape buffers, one CUDA graph per step on a GPU
 
     def validate(self) -> "SessionConfig":
         if self.chunk_frames < 2 or self.chunk_frames % 2:

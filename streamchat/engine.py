@@ -157,24 +157,42 @@ def greedy_decode(
     max_new_tokens: int,
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
+    decoder: "hf.StaticDecoder | None" = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy generation from `logits`; every token but the last is appended to `cache` at `cursor`.
 
-    Returns the tokens and the host time each one was ready (after a device sync), for TTFT/latency.
+    With a `decoder` (hf.StaticDecoder) the steps run as one CUDA graph each on a GPU. Returns the
+    tokens and the host time each one was ready (after a device sync), for TTFT and latency.
     """
     out: list[int] = []
     stamps: list[float] = []
-    while True:
-        token = int(torch.argmax(logits))  # .item() waits for the device
+
+    def emit(token: int) -> bool:
         stamps.append(now())
         out.append(token)
         if on_token is not None:
             on_token(token)
-        if token in eos or len(out) >= max_new_tokens:
-            return out, stamps
-        embeds = hf.embed_tokens(model, torch.tensor([token], device=model.device))
+        return token in eos or len(out) >= max_new_tokens
+
+    if emit(int(torch.argmax(logits))):  # int() waits for the device
+        return out, stamps
+    if decoder is not None:
+        decoder.prepare(out[-1], cursor.next_pos, max_new_tokens)
+        fed = 0
+        try:
+            while True:
+                decoder.run()
+                fed += 1
+                if emit(int(decoder.token)):
+                    return out, stamps
+        finally:
+            decoder.commit(fed)
+            cursor.text(fed)
+    while True:
+        embeds = hf.embed_tokens(model, torch.tensor([out[-1]], device=model.device))
         hidden = hf.lm_forward(model, embeds, cursor.text(1), cache)
-        logits = hf.lm_head(model, hidden)
+        if emit(int(torch.argmax(hf.lm_head(model, hidden)))):
+            return out, stamps
 
 
 class StreamEngine:
@@ -354,7 +372,8 @@ class StreamEngine:
         embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
         logits = hf.lm_head(self.model, hf.lm_forward(self.model, embeds, self.cursor.text(len(feed)), self.cache))
         first_logits = logits.detach().cpu()
-        gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token)
+        decoder = hf.static_decoder(self.model, self.cache) if self.config.static_decode else None
+        gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
         sync(dev)
         answer = Answer(
             question=question.strip(),

@@ -28,3 +28,27 @@ def test_growing_cache_equals_stock_cache_through_appends_and_rollbacks(tiny):
     layer = ours.layers[0]
     spare = layer._k.shape[-2] - hf.cache_len(ours)
     assert 0 <= spare <= layer.GROW_TOKENS  # the room kept ahead stays bounded
+
+
+def test_static_decoder_matches_eager_decode(tiny, clip_24fps):
+    """Decode steps on fixed-shape buffers (the CUDA-graph path) give the eager path's tokens and cache."""
+    from streamchat.config import SessionConfig
+    from streamchat.stream import Stream
+    from streamchat.video import Sampling, VideoSource
+
+    runs = {}
+    for static in (True, False):
+        config = SessionConfig(model="tiny-random", sampling=Sampling(fps=8.0), chunk_frames=4, history="keep",
+                               max_new_tokens=24, static_decode=static)
+        stream = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+        stream.encode_until(8)
+        first = stream.engine.ask("What color is the square?")
+        stream.encode_until(16)  # keep: the answer stayed in the cache; streaming goes on after it
+        second = stream.engine.ask("And now?")
+        runs[static] = (first.token_ids, second.token_ids, stream.engine.cursor, hf.cache_layers(stream.engine.cache))
+    (a1, a2, ca, la), (b1, b2, cb, lb) = runs[True], runs[False]
+    assert len(a1) == 24 and a1 == b1 and a2 == b2
+    assert ca == cb
+    for (ka, va), (kb, vb) in zip(la, lb):
+        assert ka.shape == kb.shape
+        assert float((ka - kb).abs().max()) <= 1e-5 and float((va - vb).abs().max()) <= 1e-5

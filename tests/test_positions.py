@@ -55,7 +55,8 @@ def test_engine_feeds_the_reference_positions(tiny, clip_long):
     lm = tiny.model.model.language_model
     handle = lm.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"][:, 0].clone()), with_kwargs=True)
     try:
-        config = SessionConfig(model="tiny-random", sampling=Sampling(fps=2.0), chunk_frames=4, max_new_tokens=2)
+        config = SessionConfig(model="tiny-random", sampling=Sampling(fps=2.0), chunk_frames=4, max_new_tokens=2,
+                               static_decode=False)  # decode through the language model, so the hook sees it
         stream = Stream(tiny, VideoSource(clip_long, config.sampling), config)
         stream.encode_until(12)  # 3 chunks of 4 frames: 6 temporal patches of a 4x4 merged grid (112 px)
         stream.engine.ask("What happened?")
