@@ -249,6 +249,9 @@ def use_stream_attention(model, enabled: bool = True) -> None:
 # --- the KV cache -------------------------------------------------------------------------------
 
 
+BLOCK_TOKENS = 1024  # cache capacity comes in blocks of this many tokens
+
+
 def _growing_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -258,10 +261,10 @@ def _growing_layer_class():
         `DynamicLayer.update` concatenates, copying the layer's whole cache on every append and every
         decoded token (~2.8 ms per step at 57k tokens for the 3B model). Here appends write in place;
         the buffers grow by at most GROW_TOKENS at a time, so the spare room stays small
-        (16k tokens = 0.6 GB for the 3B model, under the "weights + cache + 1 GiB" budget).
+        (8k tokens = 0.3 GB for the 3B model, well under the "weights + cache + 1 GiB" budget).
         """
 
-        GROW_TOKENS = 16384
+        GROW_TOKENS = 8192
 
         def lazy_initialization(self, key_states, value_states) -> None:
             super().lazy_initialization(key_states, value_states)
@@ -273,6 +276,7 @@ def _growing_layer_class():
             if need <= cap:
                 return
             new_cap = need + min(max(need // 4, 1024), self.GROW_TOKENS)
+            new_cap = -(-new_cap // BLOCK_TOKENS) * BLOCK_TOKENS  # whole blocks: StaticDecoder splits by them
             # buffers: [B, H_kv, capacity, D]
             # zeros, not empty: StaticDecoder reads the whole buffer (masked), and NaN garbage survives a mask
             k = like_k.new_zeros(*like_k.shape[:-2], new_cap, like_k.shape[-1])
@@ -441,7 +445,14 @@ class StaticDecoder:
             qg = q.reshape(1, h_kv, -1, attn.head_dim)  # [1, H_kv, G, Dh]: heads grouped by their KV head
             scores = torch.matmul(qg, kv._k.transpose(-1, -2)).float() * attn.scaling + self.mask  # [1, H_kv, G, C]
             probs = torch.softmax(scores, dim=-1).to(kv._v.dtype)
-            out = torch.matmul(probs, kv._v).reshape(1, 1, -1)  # [1, 1, H * Dh]
+            # probs @ V reduces over the whole capacity with only G rows: split it into blocks so the GPU
+            # runs one small product per block instead of a few long ones (split-K), then sum the blocks
+            g, cap = probs.shape[2], probs.shape[3]
+            blocks = cap // BLOCK_TOKENS
+            p_blk = probs.view(1, h_kv, g, blocks, BLOCK_TOKENS).transpose(2, 3)  # [1, H_kv, S, G, B]
+            v_blk = kv._v.view(1, h_kv, blocks, BLOCK_TOKENS, attn.head_dim)  # [1, H_kv, S, B, Dh]
+            out = torch.matmul(p_blk, v_blk).float().sum(2).to(kv._v.dtype)  # [1, H_kv, G, Dh]
+            out = out.reshape(1, 1, -1)  # [1, 1, H * Dh]
             hidden = residual + attn.o_proj(out)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(lm.norm(hidden))[0, -1]

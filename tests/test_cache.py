@@ -27,7 +27,8 @@ def test_growing_cache_equals_stock_cache_through_appends_and_rollbacks(tiny):
     assert hf.cache_bytes(ours) == hf.cache_bytes(stock) == hf.cache_len(ours) * 512
     layer = ours.layers[0]
     spare = layer._k.shape[-2] - hf.cache_len(ours)
-    assert 0 <= spare <= layer.GROW_TOKENS  # the room kept ahead stays bounded
+    assert 0 <= spare <= layer.GROW_TOKENS + hf.BLOCK_TOKENS  # the room kept ahead stays bounded
+    assert layer._k.shape[-2] % hf.BLOCK_TOKENS == 0  # capacity in whole blocks (StaticDecoder splits by them)
 
 
 def test_static_decoder_matches_eager_decode(tiny, clip_24fps):
