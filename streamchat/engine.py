@@ -369,12 +369,18 @@ class StreamEngine:
         cache_before = self.cache_tokens
         saved_cursor = self.cursor.copy()
         feed = self.pending + q_ids
-        embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
-        logits = hf.lm_head(self.model, hf.lm_forward(self.model, embeds, self.cursor.text(len(feed)), self.cache))
-        first_logits = logits.detach().cpu()
-        decoder = hf.static_decoder(self.model, self.cache) if self.config.static_decode else None
-        gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
-        sync(dev)
+        try:
+            embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
+            logits = hf.lm_head(self.model, hf.lm_forward(self.model, embeds, self.cursor.text(len(feed)), self.cache))
+            first_logits = logits.detach().cpu()
+            decoder = hf.static_decoder(self.model, self.cache) if self.config.static_decode else None
+            gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
+            sync(dev)
+        except BaseException:
+            # an interrupted answer (stop, error, Ctrl-C) leaves the stream as it was before the question
+            hf.cache_drop_tail(self.cache, self.cache_tokens - cache_before)
+            self.cursor = saved_cursor
+            raise
         answer = Answer(
             question=question.strip(),
             text=self.vocab.decode(gen),

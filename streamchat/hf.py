@@ -491,7 +491,10 @@ class StaticDecoder:
 
 
 def static_decoder(model, cache) -> StaticDecoder | None:
-    """A StaticDecoder for `cache`, or None where it does not apply (the stock cache)."""
+    """A StaticDecoder for `cache`, or None where it does not apply (the stock cache, a model spread
+    over several devices by accelerate)."""
+    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+        return None
     if not cache.layers or not hasattr(cache.layers[0], "_reserve") or not cache.layers[0].is_initialized:
         return None
     dec = getattr(cache, "_streamchat_decoder", None)

@@ -156,3 +156,24 @@ def test_warmup_leaves_the_stream_untouched(tiny, clip_24fps):
     assert a.engine.cache_tokens == b.engine.cache_tokens and a.engine.cursor == b.engine.cursor
     assert a.engine.config.history == "keep"
     assert a.engine.ask("Where?").token_ids == b.engine.ask("Where?").token_ids
+
+
+@pytest.mark.parametrize("history", ["keep", "drop"])
+def test_interrupted_answer_leaves_the_stream_as_before(tiny, clip_24fps, history):
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=8.0), chunk_frames=4, history=history, max_new_tokens=8)
+    a = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+    b = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+    a.encode_until(8)
+    b.encode_until(8)
+
+    def stop_after_three(token, seen=[]):
+        seen.append(token)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        a.engine.ask("What color?", on_token=stop_after_three)
+    assert a.engine.cache_tokens == b.engine.cache_tokens and a.engine.cursor == b.engine.cursor
+    a.encode_until(16)
+    b.encode_until(16)
+    assert a.engine.ask("Where?").token_ids == b.engine.ask("Where?").token_ids
