@@ -93,9 +93,19 @@ def open_video(path: str, config):
 
 
 def load_model(args):
+    """Load --model, saying so on a TTY (a hub model can take a while: download, or the hub's timeouts)."""
     from .models import load
 
-    return load(args.model, device=args.device, dtype=args.dtype)
+    tell = sys.stderr.isatty() and not getattr(args, "json", False)
+    if tell:
+        sys.stderr.write(f"loading {args.model} …")
+        sys.stderr.flush()
+    try:
+        return load(args.model, device=args.device, dtype=args.dtype)
+    finally:
+        if tell:
+            sys.stderr.write("\r" + " " * (len(args.model) + 12) + "\r")
+            sys.stderr.flush()
 
 
 def emit(args, doc: dict, text: str) -> None:
