@@ -77,3 +77,23 @@ def test_engine_feeds_the_reference_positions(tiny, clip_long):
     assert question[0].tolist() == list(range(s + 11, s + 11 + question.shape[1]))
     decode = seen[4]
     assert decode[:, 0].tolist() == [s + 11 + question.shape[1]] * 3  # first answer token: last + 1
+
+
+def test_engine_positions_for_a_short_clip_at_24fps(tiny, clip_24fps):
+    """16 frames at 24 fps = 8 temporal patches, 1/6 position each: t = s for k < 6, s + 1 for k = 6, 7."""
+    seen = []
+    lm = tiny.model.model.language_model
+    handle = lm.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"][:, 0].clone()), with_kwargs=True)
+    try:
+        config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0), chunk_frames=4, max_new_tokens=1)
+        stream = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+        stream.encode_until(16)
+        stream.engine.ask("What happened?")
+    finally:
+        handle.remove()
+    s = len(stream.engine.vocab.head) + len(stream.engine.vocab.user_open) + 1
+    t_rows = [seen[0][0, s:]] + [c[0] for c in seen[1:4]]  # the first call also holds the prompt's head
+    assert [row.view(2, 16)[:, 0].tolist() for row in t_rows] == [[s, s], [s, s], [s, s], [s + 1, s + 1]]
+    assert seen[3][2].view(2, 4, 4)[0, 0].tolist() == [s, s + 1, s + 2, s + 3]  # w = s + j
+    # the block's largest position is the spatial s + 3 (4x4 merged grid), so text resumes at s + 4
+    assert seen[4][:, 0].tolist() == [s + 4] * 3
