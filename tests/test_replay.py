@@ -10,6 +10,7 @@ from streamchat.cli import main
 from streamchat.clips import make_clip
 from streamchat.replay import first_divergence, markdown_report
 from streamchat.store import Store
+from test_sessions import cli, cli_json  # the same in-process CLI drivers
 
 ENGINE = ["--model", "tiny-random", "--fps", "4", "--max-new-tokens", "8"]
 ASKS = ["--ask", "1:What is red?", "--ask", "2:What moved?", "--ask", "2.5:Is anything blue?"]
@@ -33,18 +34,6 @@ def home(tmp_path, monkeypatch, tiny):
     monkeypatch.setattr(streamchat.models, "load", lambda model_id, device=None, dtype=None: tiny if model_id == "tiny-random" else real(model_id, device, dtype))
     monkeypatch.setenv("STREAMCHAT_HOME", str(tmp_path / "home"))
     return tmp_path / "home"
-
-
-def cli(capsys, *argv):
-    rc = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def cli_json(capsys, *argv):
-    rc, out, err = cli(capsys, *argv, "--json")
-    assert rc == 0, err
-    return json.loads(out)
 
 
 @pytest.mark.parametrize("history", ["drop", "keep"])

@@ -21,7 +21,8 @@ from streamchat.cli import main
 from streamchat.clips import make_clip
 from streamchat.migrations import migrate
 from streamchat.session import Ask, LiveSession, Pacer, run_schedule
-from streamchat.store import Store, new_id
+from streamchat.store import Store
+from test_store import seed_m001_rows
 from streamchat.video import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,19 +409,7 @@ def test_sessions_logs_and_export_read_a_store_from_earlier_migrations(home, cap
     home.mkdir(parents=True, exist_ok=True)
     db = sqlite_utils.Database(home / "streamchat.db")
     migrate(db, stop_after="m001_initial")
-    sid = new_id()
-    db.execute(
-        "insert into sessions (id, name, video_path, video_sha256, model_id, config_fingerprint, config_json,"
-        " history, created_utc, updated_utc, versions_json) values (?, 'old', '/v.mp4', 'aa', 'tiny-random', '',"
-        " '{\"fps\": 2.0}', 'rollback', '2026-01-01T00:00:00+00:00', '2026-01-01T00:00:00+00:00', '{}')",
-        [sid],
-    )
-    db.execute("insert into chunks (id, session_id, chunk_index, tokens) values (?, ?, 0, 64)", [new_id(), sid])
-    db.execute(
-        "insert into turns (id, session_id, mode, question, answer, token_ids_json, created_utc)"
-        " values (?, ?, 'streaming', 'Where is the cat?', 'On the windowsill.', '[7, 8]', '2026-01-01T00:00:01+00:00')",
-        [new_id(), sid],
-    )
+    seed_m001_rows(db)
     db.conn.commit()
     db.close()
 

@@ -240,11 +240,8 @@ def test_export_markdown_and_json_contain_the_turns(store):
         store.export("exp", "html")
 
 
-def test_migrating_an_old_store_keeps_its_rows(tmp_path):
-    path = tmp_path / "old.db"
-    db = sqlite_utils.Database(path)
-    assert migrate(db, stop_after="m001_initial") == ["m001_initial"]
-    assert "runs" not in db.table_names() and "extra_json" not in db["turns"].columns_dict
+def seed_m001_rows(db) -> tuple[str, str]:
+    """Rows as the first migration's schema held them: a session 'old' with one chunk and one turn."""
     sid, tid = new_id(), new_id()
     db.execute(
         "insert into sessions (id, name, video_path, video_sha256, model_id, config_fingerprint, config_json,"
@@ -258,6 +255,15 @@ def test_migrating_an_old_store_keeps_its_rows(tmp_path):
         " values (?, ?, 'streaming', 'Where is the cat?', 'On the windowsill.', '[7, 8]', '2026-01-01T00:00:01+00:00')",
         [tid, sid],
     )
+    return sid, tid
+
+
+def test_migrating_an_old_store_keeps_its_rows(tmp_path):
+    path = tmp_path / "old.db"
+    db = sqlite_utils.Database(path)
+    assert migrate(db, stop_after="m001_initial") == ["m001_initial"]
+    assert "runs" not in db.table_names() and "extra_json" not in db["turns"].columns_dict
+    sid, tid = seed_m001_rows(db)
     db.close()
 
     with Store(path) as store:
