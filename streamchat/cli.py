@@ -188,11 +188,10 @@ def cmd_compare(args) -> int:
 
 def _log_run(kind: str, report: dict) -> None:
     """Every figure a command prints goes into the store as well."""
-    try:
-        from .store import Store
-    except ImportError:  # pragma: no cover - the store ships with the package
-        return
-    Store().log_run(kind, report)
+    from .store import Store
+
+    with Store() as store:
+        store.log_run(kind, report)
 
 
 def cmd_make_clip(args) -> int:

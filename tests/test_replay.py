@@ -7,25 +7,12 @@ import pytest
 
 import streamchat.models
 from streamchat.cli import main
-from streamchat.clips import make_clip
 from streamchat.replay import first_divergence, markdown_report
 from streamchat.store import Store
 from test_sessions import cli, cli_json  # the same in-process CLI drivers
 
 ENGINE = ["--model", "tiny-random", "--fps", "4", "--max-new-tokens", "8"]
 ASKS = ["--ask", "1:What is red?", "--ask", "2:What moved?", "--ask", "2.5:Is anything blue?"]
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return streamchat.models.load("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    make_clip(path, seconds=3, fps=24, width=112, height=112)
-    return path
 
 
 @pytest.fixture
@@ -37,8 +24,8 @@ def home(tmp_path, monkeypatch, tiny):
 
 
 @pytest.mark.parametrize("history", ["drop", "keep"])
-def test_replay_of_a_three_question_session_is_identical_for_every_turn(home, clip, capsys, history):
-    run = cli_json(capsys, "run", clip, *ENGINE, *ASKS, "--history", history, "--session", "s")
+def test_replay_of_a_three_question_session_is_identical_for_every_turn(home, clip_24fps, capsys, history):
+    run = cli_json(capsys, "run", clip_24fps, *ENGINE, *ASKS, "--history", history, "--session", "s")
     report = cli_json(capsys, "replay", "s", "--against", "offline")
     assert report["session"] == "s" and report["all_identical"] is True and len(report["turns"]) == 3
     for turn, streamed in zip(report["turns"], run["turns"]):
@@ -61,16 +48,16 @@ def test_replay_of_a_three_question_session_is_identical_for_every_turn(home, cl
         assert logged["report"]["all_identical"] is True and logged["id"] == report["run_id"]
 
 
-def test_replay_covers_turns_asked_after_a_resume(home, clip, capsys):
-    cli_json(capsys, "run", clip, *ENGINE, "--ask", "1:What is red?", "--until", 1.6, "--history", "keep", "--session", "r", "--snapshot")
+def test_replay_covers_turns_asked_after_a_resume(home, clip_24fps, capsys):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", "1:What is red?", "--until", 1.6, "--history", "keep", "--session", "r", "--snapshot")
     cli_json(capsys, "resume", "r", "--ask", "2:What moved?", "--ask", "Is anything blue?")
     report = cli_json(capsys, "replay", "r")
     assert [t["identical"] for t in report["turns"]] == [True, True, True]
     assert [t["frames_seen"] for t in report["turns"]] == [4, 8, 12]
 
 
-def test_replay_report_writes_markdown_with_a_png_beside_it(home, clip, capsys, tmp_path):
-    cli_json(capsys, "run", clip, *ENGINE, *ASKS, "--session", "m")
+def test_replay_report_writes_markdown_with_a_png_beside_it(home, clip_24fps, capsys, tmp_path):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, *ASKS, "--session", "m")
     out = tmp_path / "reports" / "replay.md"
     report = cli_json(capsys, "replay", "m", "--report", out)
     md = out.read_text()
@@ -82,8 +69,8 @@ def test_replay_report_writes_markdown_with_a_png_beside_it(home, clip, capsys, 
     assert rc == 0 and "all identical: True" in text and text.count("identical\n") == 3
 
 
-def test_replay_reports_where_answers_first_differ(home, clip, capsys):
-    cli_json(capsys, "run", clip, *ENGINE, *ASKS, "--session", "d")
+def test_replay_reports_where_answers_first_differ(home, clip_24fps, capsys):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, *ASKS, "--session", "d")
     with Store() as store:
         turn = store.turns(store.get_session("d")["id"])[1]
         changed = turn["token_ids"][:3] + [(turn["token_ids"][3] + 1) % 300] + turn["token_ids"][4:]
@@ -96,8 +83,8 @@ def test_replay_reports_where_answers_first_differ(home, clip, capsys):
     assert first_divergence([1, 2], [1, 2, 3]) == 2 and first_divergence([1], [1]) is None
 
 
-def test_turns_logged_without_a_prompt_are_skipped_not_guessed(home, clip, capsys):
-    cli_json(capsys, "run", clip, *ENGINE, "--ask", "1:What is red?", "--session", "o")
+def test_turns_logged_without_a_prompt_are_skipped_not_guessed(home, clip_24fps, capsys):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", "1:What is red?", "--session", "o")
     with Store() as store:
         sid = store.get_session("o")["id"]
         store.log_turn(sid, question="Logged by an older version", answer="x", token_ids=[1, 2])
@@ -107,12 +94,12 @@ def test_turns_logged_without_a_prompt_are_skipped_not_guessed(home, clip, capsy
     assert "older streamchat" in report["turns"][1]["skipped"]
 
 
-def test_replay_refuses_a_changed_video_and_an_empty_session(home, clip, capsys, tmp_path):
-    cli_json(capsys, "run", clip, *ENGINE, "--ask", "1:What is red?", "--session", "v")
+def test_replay_refuses_a_changed_video_and_an_empty_session(home, clip_24fps, capsys, tmp_path):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", "1:What is red?", "--session", "v")
     other = tmp_path / "other.mp4"
-    other.write_bytes(Path(clip).read_bytes() + b"\0")
+    other.write_bytes(Path(clip_24fps).read_bytes() + b"\0")
     rc, out, err = cli(capsys, "replay", "v", "--video", other)
     assert rc == 2 and "is not the video session v was recorded on" in err and err.count("\n") == 1
-    cli_json(capsys, "run", clip, *ENGINE, "--session", "quiet", "--until", 1)
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--session", "quiet", "--until", 1)
     rc, _, err = cli(capsys, "replay", "quiet")
     assert rc == 2 and "no streaming turns to replay" in err

@@ -30,18 +30,6 @@ ENGINE = ["--model", "tiny-random", "--fps", "4", "--max-new-tokens", "8"]
 Q1, Q2, Q3 = "1:What is red?", "2:What moved?", "2.5:Is anything blue?"
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return streamchat.models.load("tiny-random")
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
-    make_clip(path, seconds=3, fps=24, width=112, height=112)
-    return path
-
-
 @pytest.fixture
 def load_calls():
     return []
@@ -87,9 +75,9 @@ def tokens(doc):
 
 
 @pytest.mark.parametrize("history", ["drop", "keep"])
-def test_resumed_session_answers_exactly_like_an_uninterrupted_one(home, clip, capsys, history):
-    full = cli_json(capsys, "run", clip, *ENGINE, "--history", history, "--ask", Q1, "--ask", Q2, "--ask", Q3, "--session", "full", "--snapshot")
-    first = cli_json(capsys, "run", clip, *ENGINE, "--history", history, "--ask", Q1, "--until", 1, "--session", "part", "--snapshot")
+def test_resumed_session_answers_exactly_like_an_uninterrupted_one(home, clip_24fps, capsys, history):
+    full = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", history, "--ask", Q1, "--ask", Q2, "--ask", Q3, "--session", "full", "--snapshot")
+    first = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", history, "--ask", Q1, "--until", 1, "--session", "part", "--snapshot")
     rest = cli_json(capsys, "resume", "part", "--ask", Q2, "--ask", Q3, "--snapshot")
 
     assert first["frames"] == 4 and first["chunks"] == 1 and Path(first["snapshot"]).name == "snapshot-1.safetensors"
@@ -108,16 +96,16 @@ def test_resumed_session_answers_exactly_like_an_uninterrupted_one(home, clip, c
         assert [s["frames"] for s in store.snapshots(part["id"])] == [4, 12]
 
 
-def test_resume_from_between_two_questions_gives_the_same_tokens(home, clip, capsys):
-    full = cli_json(capsys, "run", clip, *ENGINE, "--history", "keep", "--ask", Q1, "--ask", Q2, "--ask", Q3, "--session", "full")
-    first = cli_json(capsys, "run", clip, *ENGINE, "--history", "keep", "--ask", Q1, "--until", 1.6, "--session", "part", "--snapshot")
+def test_resume_from_between_two_questions_gives_the_same_tokens(home, clip_24fps, capsys):
+    full = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", "keep", "--ask", Q1, "--ask", Q2, "--ask", Q3, "--session", "full")
+    first = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", "keep", "--ask", Q1, "--until", 1.6, "--session", "part", "--snapshot")
     assert first["frames"] == 6  # 7 frames sampled by 1.6 s; the 7th waits for its pair
     rest = cli_json(capsys, "resume", "part", "--ask", Q2, "--ask", Q3)
     assert tokens(first) + tokens(rest) == tokens(full)
 
 
-def test_run_json_has_the_documented_fields_and_logs_every_event(home, clip, capsys):
-    doc = cli_json(capsys, "run", clip, *ENGINE, "--ask", Q2, "--ask", Q1, "--session", "shape", "--snapshot")
+def test_run_json_has_the_documented_fields_and_logs_every_event(home, clip_24fps, capsys):
+    doc = cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", Q2, "--ask", Q1, "--session", "shape", "--snapshot")
     assert {"session", "frames", "chunks", "turns", "snapshot"} <= doc.keys() and doc["session"] == "shape"
     assert [t["at_s"] for t in doc["turns"]] == [1.0, 2.0]  # asked in stream order
     for t in doc["turns"]:
@@ -127,7 +115,7 @@ def test_run_json_has_the_documented_fields_and_logs_every_event(home, clip, cap
     assert snap == home.resolve() / "shape" / "snapshot-1.safetensors"
     with Store() as store:
         s = store.get_session("shape")
-        assert s["video_sha256"] == sha256_file(clip) and s["config_fingerprint"] == streamchat.models.load("tiny-random").fingerprint
+        assert s["video_sha256"] == sha256_file(clip_24fps) and s["config_fingerprint"] == streamchat.models.load("tiny-random").fingerprint
         assert s["config"]["sampling"]["fps"] == 4 and s["history"] == "drop"
         chunks = store.chunks(s["id"])
         assert [(c["chunk_index"], c["frame_first"], c["frame_last"]) for c in chunks] == [(0, 0, 3), (1, 4, 7), (2, 8, 11)]
@@ -137,15 +125,15 @@ def test_run_json_has_the_documented_fields_and_logs_every_event(home, clip, cap
         assert prompt[1] == {"frames": [0, 1, 2, 3], "grid": [4, 4]} and len(turns[0]["extra"]["first_top"]) == 8
         [row] = store.snapshots(s["id"])
         assert (row["bytes"], row["sha256"], row["chunks"], row["frames"]) == (snap.stat().st_size, sha256_file(snap), 3, 12)
-        print(f"3-chunk snapshot of 112x112 clip at 4 fps: {row['bytes']} bytes, {row['cache_tokens']} cache tokens")
+        print(f"3-chunk snapshot of 112x112 clip_24fps at 4 fps: {row['bytes']} bytes, {row['cache_tokens']} cache tokens")
 
 
-def test_live_session_can_be_driven_step_by_step(home, clip, tiny):
+def test_live_session_can_be_driven_step_by_step(home, clip_24fps, tiny):
     from streamchat.config import SessionConfig
     from streamchat.video import Sampling, VideoSource
 
     config = SessionConfig(model="tiny-random", sampling=Sampling(fps=4), max_new_tokens=8).validate()
-    with LiveSession.create(tiny, VideoSource(clip, config.sampling), config, name="steps") as live:
+    with LiveSession.create(tiny, VideoSource(clip_24fps, config.sampling), config, name="steps") as live:
         assert live.encode_next_chunk().frame_last == 3 and live.encode_next_chunk().frame_last == 7
         ans = live.ask("What is red?")
         snap = live.save_snapshot()
@@ -160,7 +148,7 @@ def test_live_session_can_be_driven_step_by_step(home, clip, tiny):
         assert back.restored_from.path == Path(snap["path"])
 
 
-def test_realtime_pacing_waits_for_each_chunk_and_question(home, clip, tiny):
+def test_realtime_pacing_waits_for_each_chunk_and_question(home, clip_24fps, tiny):
     from streamchat.config import SessionConfig
     from streamchat.video import Sampling, VideoSource
 
@@ -172,7 +160,7 @@ def test_realtime_pacing_waits_for_each_chunk_and_question(home, clip, tiny):
         waits.append(round(s, 6))
         clock[0] += s
 
-    with LiveSession.create(tiny, VideoSource(clip, config.sampling), config) as live:
+    with LiveSession.create(tiny, VideoSource(clip_24fps, config.sampling), config) as live:
         pacer = Pacer(0.0, clock=lambda: clock[0], sleep=sleep)
         run_schedule(live, [Ask.parse("1.2:What?")], pacer=pacer)
     # chunks end at 0.75 s, (question at 1.2 s after frames to 1.0 s), 1.75 s, 2.75 s
@@ -180,16 +168,16 @@ def test_realtime_pacing_waits_for_each_chunk_and_question(home, clip, tiny):
     assert waits[0] == pytest.approx(0.75) and sum(waits[:2]) == pytest.approx(1.2)
 
 
-def test_ask_parsing_and_schedule_errors(home, clip, capsys, load_calls):
+def test_ask_parsing_and_schedule_errors(home, clip_24fps, capsys, load_calls):
     assert Ask.parse("12.5:What is red?") == Ask(12.5, "What is red?")
     assert Ask.parse("What: a cat?") == Ask(None, "What: a cat?")
-    assert "past the end of the video" in error_line(capsys, "run", clip, *ENGINE, "--ask", "9:Q")
-    assert "after --until 1" in error_line(capsys, "run", clip, *ENGINE, "--ask", "2:Q", "--until", 1)
-    assert "has no question" in error_line(capsys, "run", clip, *ENGINE, "--ask", "2:  ")
-    assert "ask at 0.25 s or later" in error_line(capsys, "run", clip, *ENGINE, "--ask", "0:Q")
-    assert "0 or more seconds" in error_line(capsys, "run", clip, *ENGINE, "--ask=-1:Q")
-    cli_json(capsys, "run", clip, *ENGINE, "--session", "taken", "--until", 0.5)
-    assert "already exists" in error_line(capsys, "run", clip, *ENGINE, "--session", "taken")
+    assert "past the end of the video" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "9:Q")
+    assert "after --until 1" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "2:Q", "--until", 1)
+    assert "has no question" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "2:  ")
+    assert "ask at 0.25 s or later" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "0:Q")
+    assert "0 or more seconds" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask=-1:Q")
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--session", "taken", "--until", 0.5)
+    assert "already exists" in error_line(capsys, "run", clip_24fps, *ENGINE, "--session", "taken")
     assert "no snapshot to resume from" in error_line(capsys, "resume", "taken")
     assert "no session named nope" in error_line(capsys, "resume", "nope")
     assert load_calls == [("tiny-random", "auto")]  # bad input never loads the model
@@ -199,9 +187,9 @@ def test_ask_parsing_and_schedule_errors(home, clip, capsys, load_calls):
 
 
 @pytest.fixture
-def part(home, clip, capsys):
+def part(home, clip_24fps, capsys):
     """Session 'part' stopped at 1 s with a snapshot; returns (its store row, snapshot row)."""
-    cli_json(capsys, "run", clip, *ENGINE, "--ask", Q1, "--until", 1, "--session", "part", "--snapshot")
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", Q1, "--until", 1, "--session", "part", "--snapshot")
     with Store() as store:
         s = store.get_session("part")
         return s, store.latest_snapshot(s["id"])
@@ -248,21 +236,21 @@ def test_snapshot_of_another_format_version_exits_2(part, capsys):
     assert "format version 7, this streamchat reads version 1" in error_line(capsys, "resume", "part")
 
 
-def test_moved_video_names_the_old_path_and_resumes_with_video(part, clip, tmp_path, capsys):
+def test_moved_video_names_the_old_path_and_resumes_with_video(part, clip_24fps, tmp_path, capsys):
     moved = tmp_path / "moved.mp4"
-    clip.rename(moved)
+    clip_24fps.rename(moved)
     try:
         err = error_line(capsys, "resume", "part", "--ask", Q2)
-        assert str(clip) in err and "--video NEW_PATH" in err
+        assert str(clip_24fps) in err and "--video NEW_PATH" in err
         doc = cli_json(capsys, "resume", "part", "--ask", Q2, "--video", moved, "--until", 2)
         assert doc["video"] == str(moved) and doc["turns"][0]["frames_seen"] == 8
     finally:
-        moved.rename(clip)
+        moved.rename(clip_24fps)
     with Store() as store:
         assert store.get_session("part")["video_path"] == str(moved)
 
 
-def test_changed_video_exits_2(part, clip, tmp_path, capsys):
+def test_changed_video_exits_2(part, clip_24fps, tmp_path, capsys):
     other = tmp_path / "other.mp4"
     make_clip(other, seconds=3, fps=24, width=112, height=112)
     other.write_bytes(other.read_bytes() + b"\0")  # same frames, different bytes
@@ -288,7 +276,7 @@ def test_full_disk_at_the_end_of_a_run_keeps_the_answers_and_the_old_snapshot(pa
     monkeypatch.undo()
 
 
-def test_interrupt_keeps_what_was_logged_and_exits_130(home, clip, capsys, monkeypatch):
+def test_interrupt_keeps_what_was_logged_and_exits_130(home, clip_24fps, capsys, monkeypatch):
     real_ask = LiveSession.ask
     asked = []
 
@@ -299,7 +287,7 @@ def test_interrupt_keeps_what_was_logged_and_exits_130(home, clip, capsys, monke
         return real_ask(self, *a, **kw)
 
     monkeypatch.setattr(LiveSession, "ask", interrupted)
-    rc, out, err = cli(capsys, "run", clip, *ENGINE, "--ask", Q1, "--ask", Q2, "--session", "cut", "--json")
+    rc, out, err = cli(capsys, "run", clip_24fps, *ENGINE, "--ask", Q1, "--ask", Q2, "--session", "cut", "--json")
     assert rc == 130 and out == "" and "session cut keeps what was logged (2 chunks, 1 turns)" in err
     with Store() as store:
         s = store.get_session("cut")
@@ -364,13 +352,13 @@ def test_killed_resume_keeps_its_rows_and_the_previous_snapshot_restores(part, h
 # --- sessions, logs, export ---------------------------------------------------------------------
 
 
-def test_sessions_list_show_export_and_rm(part, clip, home, capsys):
+def test_sessions_list_show_export_and_rm(part, clip_24fps, home, capsys):
     cli_json(capsys, "resume", "part", "--ask", Q2, "--snapshot")
     listed = cli_json(capsys, "sessions")["sessions"]
     assert [(r["name"], r["n_chunks"], r["n_turns"], r["n_snapshots"]) for r in listed] == [("part", 3, 2, 2)]
     assert cli_json(capsys, "sessions", "list") == {"sessions": listed}
     rc, out, _ = cli(capsys, "sessions", "list")
-    assert rc == 0 and out.splitlines()[1].startswith("part ") and "clip.mp4" in out
+    assert rc == 0 and out.splitlines()[1].startswith("part ") and clip_24fps.name in out
 
     shown = cli_json(capsys, "sessions", "show", "part")
     assert [t["question"] for t in shown["turns"]] == ["What is red?", "What moved?"]
@@ -393,9 +381,9 @@ def test_sessions_list_show_export_and_rm(part, clip, home, capsys):
     assert "no session named part" in error_line(capsys, "sessions", "show", "part")
 
 
-def test_logs_latest_n_query_and_session_filter(home, clip, capsys):
-    cli_json(capsys, "run", clip, *ENGINE, "--ask", Q1, "--ask", Q2, "--session", "one")
-    cli_json(capsys, "run", clip, *ENGINE, "--ask", Q3, "--session", "two")
+def test_logs_latest_n_query_and_session_filter(home, clip_24fps, capsys):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", Q1, "--ask", Q2, "--session", "one")
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", Q3, "--session", "two")
     assert [t["question"] for t in cli_json(capsys, "logs")["turns"]] == ["What is red?", "What moved?", "Is anything blue?"]
     assert [t["question"] for t in cli_json(capsys, "logs", "-n", 1)["turns"]] == ["Is anything blue?"]
     assert [t["question"] for t in cli_json(capsys, "logs", "-n", 0, "--session", "one")["turns"]] == ["What is red?", "What moved?"]
