@@ -323,6 +323,7 @@ class StreamEngine:
                 frames = np.zeros((2, 56, 56, 3), dtype=np.uint8)
             self.encode(frames[:2], 0)
             self.ask("warm up", max_new_tokens=3)
+            hf.warm_split_attention(self.model)
         finally:
             self.config.history = history
             (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,

@@ -88,6 +88,44 @@ def default_processor(tokenizer, chat_template: str | None = None):
     )
 
 
+def pad_vision_mlp(model, multiple: int = 64) -> int:
+    """Widen the vision MLP's hidden layer to a multiple of `multiple` with zero weights; returns the new width.
+
+    Qwen2.5-VL's vision MLP is 3420 wide, not a multiple of 8, so cuBLAS cannot use Hopper's kernels
+    for it (H200: 234 TFLOP/s at 3420 against 633-680 at 3424-3456, `scripts/attn_probe.py`). The extra
+    units have zero gate, up and down weights and zero biases: silu(0) * 0 = 0 adds nothing, so the
+    function is unchanged. The config keeps the real width (snapshots and fingerprints see no change).
+    """
+    width = 0
+    for block in model.model.visual.blocks:
+        mlp = block.mlp
+        width = mlp.gate_proj.out_features
+        extra = -width % multiple
+        if not extra:
+            continue
+        with torch.no_grad():
+            for name in ("gate_proj", "up_proj"):
+                lin = getattr(mlp, name)
+                new = torch.nn.Linear(lin.in_features, width + extra, bias=lin.bias is not None,
+                                      device=lin.weight.device, dtype=lin.weight.dtype)
+                new.weight.zero_()
+                new.weight[:width].copy_(lin.weight)
+                if lin.bias is not None:
+                    new.bias.zero_()
+                    new.bias[:width].copy_(lin.bias)
+                setattr(mlp, name, new)
+            down = mlp.down_proj
+            new = torch.nn.Linear(width + extra, down.out_features, bias=down.bias is not None,
+                                  device=down.weight.device, dtype=down.weight.dtype)
+            new.weight.zero_()
+            new.weight[:, :width].copy_(down.weight)
+            if down.bias is not None:
+                new.bias.copy_(down.bias)
+            mlp.down_proj = new
+        width += extra
+    return width
+
+
 # --- preprocessing ------------------------------------------------------------------------------
 
 
@@ -170,18 +208,90 @@ def full_forward(model, input_ids, pixel_values, grid_thw, position_ids, cache) 
 STREAM_ATTENTION = "streamchat_sdpa"
 
 
+# A chunk appended to a long cache attends to the cache in two parts, merged by log-sum-exp: the cache's
+# prefix in whole blocks of PREFIX_BLOCK tokens with no mask (cuDNN on a GPU: ~540 TFLOP/s on an H200
+# against ~265 for flash attention's lower-right causal kernel, and a shape that changes once per block,
+# so cuDNN builds a new plan (~35 ms) once per block rather than per chunk), and the rest (the last
+# partial block and the chunk itself) with the lower-right causal mask (flash attention).
+PREFIX_BLOCK = 8192
+SPLIT_MIN_QUERIES = 256  # shorter appends (questions, decode steps) gain nothing: one flash call
+SPLIT_ON_CPU = False  # tests turn the split on for the CPU, where it runs in plain torch
+
+
+def _split_applies(query, prefix: int) -> bool:
+    if prefix <= 0 or query.shape[2] < SPLIT_MIN_QUERIES:
+        return False
+    if query.is_cuda:
+        return query.dtype in (torch.bfloat16, torch.float16)
+    return SPLIT_ON_CPU
+
+
+def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, L, D] over k/v [B, H_kv, S, D], and its log-sum-exp [B, H, L] (float32).
+
+    `causal` is the lower-right causal mask (query i sees keys up to S - L + i); otherwise no mask.
+    The G = H / H_kv query heads of each KV head are folded into rows ([B, H_kv, G*L, D]): exact
+    without a mask, and no copies of the keys.
+    """
+    b, h, n, d = q.shape
+    hk = k.shape[1]
+    if q.is_cuda:
+        if causal:  # flash attention's causal mask is aligned to the bottom right when n != S
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
+            return out, lse
+        qf = q.reshape(b, hk, (h // hk) * n, d)
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qf, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+        return out.reshape(b, h, n, d), lse.reshape(b, h, n)
+    qf = q.reshape(b, hk, (h // hk) * n, d)
+    scores = torch.matmul(qf, k.transpose(-1, -2)).float() * scale  # [B, H_kv, G*L, S]
+    if causal:
+        s = k.shape[2]
+        q_pos = (s - n) + torch.arange(n).repeat(h // hk)
+        scores.masked_fill_(torch.arange(s).view(1, -1) > q_pos.view(-1, 1), float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.matmul(torch.exp(scores - lse[..., None]).to(v.dtype), v)
+    return out.reshape(b, h, n, d), lse.reshape(b, h, n)
+
+
+def _split_attention(query, key, value, prefix: int, scale: float) -> torch.Tensor:
+    """Lower-right causal attention as prefix (no mask) + tail (causal), merged; returns [B, L, H, D]."""
+    o1, l1 = _attend_lse(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
+    o2, l2 = _attend_lse(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
+    m = torch.maximum(l1, l2)
+    w1, w2 = torch.exp(l1 - m).unsqueeze(-1), torch.exp(l2 - m).unsqueeze(-1)
+    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    return out.to(query.dtype).transpose(1, 2).contiguous()
+
+
+def warm_split_attention(model) -> None:
+    """Run the split's kernels once on small tensors: cuDNN's first call loads its engines (~0.6 s)."""
+    dev = model.device
+    if dev.type != "cuda" or model.dtype not in (torch.bfloat16, torch.float16):
+        return
+    cfg = model.config.text_config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(1, cfg.num_attention_heads, SPLIT_MIN_QUERIES, d, device=dev, dtype=model.dtype)
+    kv = torch.randn(1, cfg.num_key_value_heads, PREFIX_BLOCK + SPLIT_MIN_QUERIES, d, device=dev, dtype=model.dtype)
+    _split_attention(q, kv, kv, PREFIX_BLOCK, d**-0.5)
+
+
 def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """SDPA for appending to a cache: lower-right causal without a materialised mask, GQA without copies.
 
     transformers' sdpa path, for a chunk of L new tokens on a cache of S, builds an [L, S+L] mask and
     repeats the KV heads (copying the whole cache per layer), which forces the slow masked kernel.
-    Here: q_len == 1 needs no mask; q_len == kv_len is plain causal; otherwise the causal mask is
-    aligned to the bottom right (`causal_lower_right`), which flash/efficient kernels take as is.
+    Here: q_len == 1 needs no mask; q_len == kv_len is plain causal; a long chunk on a long cache is
+    split (`_split_attention`); otherwise the causal mask is aligned to the bottom right
+    (`causal_lower_right`), which flash/efficient kernels take as is.
     streamchat never pads (batch 1), so `attention_mask` carries no extra information.
     """
     from torch.nn.attention.bias import causal_lower_right
 
     q_len, kv_len = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    prefix = (kv_len - q_len) // PREFIX_BLOCK * PREFIX_BLOCK
+    if _split_applies(query, prefix):
+        return _split_attention(query, key, value, prefix, scale), None
     gqa = query.shape[1] != key.shape[1]
     if q_len == 1:
         mask, causal = None, False
@@ -191,7 +301,7 @@ def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
         mask, causal = causal_lower_right(q_len, kv_len), False
     # query: [B, H, L, D]; key/value: [B, H_kv, S, D]
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=causal, scale=scaling, enable_gqa=gqa
+        query, key, value, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa
     )
     return out.transpose(1, 2).contiguous(), None
 
@@ -392,6 +502,11 @@ class StaticDecoder:
     over the whole buffer with a mask of the filled part (grouped heads as a batched matmul, no KV
     copies). That makes a step capturable once as a CUDA graph and replayed per token; the graph is
     captured again only when the cache's buffers are reallocated. On the CPU `step()` runs eagerly.
+
+    On a GPU in bf16/fp16 attention is flash attention's varlen entry point instead of the masked
+    product: it reads the cache length from a device tensor (`cu_k`), so it sits in the graph, and for
+    one query with grouped KV heads it splits the cache across the GPU (H200, 115k tokens: 0.08 ms a
+    layer against 0.33 for the masked product, `scripts/attn_probe.py`).
     """
 
     def __init__(self, model, cache):
@@ -404,7 +519,10 @@ class StaticDecoder:
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # text position of `token`
         self.length = torch.zeros(1, dtype=torch.long, device=dev)  # cache tokens before `token`
-        self.mask = None  # [capacity]: 0 where filled, -inf beyond
+        self.mask = None  # [capacity]: 0 where filled, -inf beyond (the masked path)
+        self.flash = dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
+        self.cu_q = torch.tensor([0, 1], dtype=torch.int32, device=dev)  # varlen bounds: one query ...
+        self.cu_k = torch.zeros(2, dtype=torch.int32, device=dev)  # ... over cu_k[1] keys (length + 1)
         self.graph = None
         self._graph_key = None
 
@@ -430,7 +548,10 @@ class StaticDecoder:
         lm = self.lm
         hidden = lm.embed_tokens(self.token.view(1, 1))  # [1, 1, D]
         cos, sin = lm.rotary_emb(hidden, self.pos.view(1, 1, 1).expand(3, 1, 1))
-        self.mask.index_fill_(0, self.length, 0.0)
+        if self.flash:
+            self.cu_k[1:].copy_(self.length + 1)
+        else:
+            self.mask.index_fill_(0, self.length, 0.0)
         for layer, kv in zip(lm.layers, self.cache.layers):
             attn = layer.self_attn
             residual = hidden
@@ -441,6 +562,14 @@ class StaticDecoder:
             q, k = self._rope(q, k, cos, sin)
             kv._k.index_copy_(2, self.length, k)
             kv._v.index_copy_(2, self.length, v)
+            if self.flash:
+                out = torch.ops.aten._flash_attention_forward(
+                    q[0].transpose(0, 1).contiguous(), kv._k[0].transpose(0, 1), kv._v[0].transpose(0, 1),
+                    self.cu_q, self.cu_k, 1, kv._k.shape[-2], 0.0, False, False, scale=attn.scaling,
+                )[0]  # [1, H, Dh]
+                hidden = residual + attn.o_proj(out.reshape(1, 1, -1))
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                continue
             h_kv = kv._k.shape[1]
             qg = q.reshape(1, h_kv, -1, attn.head_dim)  # [1, H_kv, G, Dh]: heads grouped by their KV head
             scores = torch.matmul(qg, kv._k.transpose(-1, -2)).float() * attn.scaling + self.mask  # [1, H_kv, G, C]

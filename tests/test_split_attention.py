@@ -1,0 +1,99 @@
+"""The GPU speed paths compute the same function: split attention merged by log-sum-exp, the padded
+vision MLP. On the CPU they run in plain torch; these tests pin their arithmetic against the stock
+computation and, end to end, streaming with the split against the offline path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from streamchat import hf
+from streamchat.compare import run_compare
+from streamchat.config import SessionConfig
+from streamchat.video import Sampling, VideoSource
+
+
+def _qkv(n: int, s: int, seed: int, h: int = 4, hk: int = 2, d: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(1, h, n, d, generator=g), torch.randn(1, hk, s, d, generator=g), torch.randn(1, hk, s, d, generator=g))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,s", [(1, 9), (7, 23), (12, 12)])
+def test_attend_lse_is_sdpa_with_its_log_sum_exp(causal, n, s):
+    q, k, v = _qkv(n, s, seed=n * 100 + s)
+    out, lse = hf._attend_lse(q, k, v, causal, 0.25)
+    mask = causal_lower_right(n, s) if causal else None
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert torch.allclose(out, ref, atol=1e-6)
+    # the log-sum-exp by hand, head by head: head h reads KV head h // 2
+    scores = torch.einsum("hnd,hsd->hns", q[0], k[0].repeat_interleave(2, dim=0)) * 0.25
+    if causal:
+        allowed = torch.arange(s).view(1, -1) <= (s - n + torch.arange(n)).view(-1, 1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    assert torch.allclose(lse[0], torch.logsumexp(scores, dim=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("prefix", [8, 16, 40])
+def test_split_attention_is_one_lower_right_call(prefix):
+    n, s = 12, 52  # 40 cached tokens + 12 new ones
+    q, k, v = _qkv(n, s, seed=prefix)
+    out = hf._split_attention(q, k, v, prefix, 0.25)  # [1, n, H, D]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, s), scale=0.25, enable_gqa=True)
+    assert out.shape == (1, n, 4, 16)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
+
+
+def test_split_applies_only_to_long_appends_on_a_long_cache(monkeypatch):
+    monkeypatch.setattr(hf, "SPLIT_ON_CPU", True)
+    q = torch.zeros(1, 4, hf.SPLIT_MIN_QUERIES, 16)
+    assert hf._split_applies(q, hf.PREFIX_BLOCK)
+    assert not hf._split_applies(q, 0)  # the cache is shorter than one block
+    assert not hf._split_applies(q[:, :, :1], hf.PREFIX_BLOCK)  # a decode step or a short question
+    monkeypatch.setattr(hf, "SPLIT_ON_CPU", False)
+    assert not hf._split_applies(q, hf.PREFIX_BLOCK)
+
+
+def test_streaming_with_split_attention_matches_offline(tiny, clip_24fps, monkeypatch):
+    """Blocks of 32 tokens and appends of 16+ tokens: every chunk after the first and the question split."""
+    calls = []
+    real = hf._split_attention
+
+    def counted(query, key, value, prefix, scale):
+        calls.append((query.shape[2], key.shape[2], prefix))
+        return real(query, key, value, prefix, scale)
+
+    monkeypatch.setattr(hf, "PREFIX_BLOCK", 32)
+    monkeypatch.setattr(hf, "SPLIT_MIN_QUERIES", 16)
+    monkeypatch.setattr(hf, "SPLIT_ON_CPU", True)
+    monkeypatch.setattr(hf, "_split_attention", counted)
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
+    report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
+    assert report["match"]["identical"] is True
+    assert report["match"]["max_logit_diff"] <= 1e-4
+    layers = hf.text_config(tiny.model).num_hidden_layers
+    assert len(calls) >= 7 * layers  # chunks 2..8 at least
+    assert {prefix % 32 for _, _, prefix in calls} == {0}
+    assert all(kv - q - prefix < 32 for q, kv, prefix in calls)  # the tail is less than one block
+
+
+def test_padded_vision_mlp_is_the_same_function(tiny):
+    config = copy.deepcopy(tiny.model.config)
+    config.vision_config.intermediate_size = 100  # not a multiple of 64, like the 3B model's 3420
+    torch.manual_seed(0)
+    model = hf.new_model(config).eval()
+    patch = 3 * config.vision_config.temporal_patch_size * config.vision_config.patch_size**2
+    grid = torch.tensor([[2, 4, 6]])
+    pixels = torch.randn(int(grid.prod()), patch)
+    with torch.inference_mode():
+        before = hf.embed_video(model, pixels, grid)
+        assert hf.pad_vision_mlp(model) == 128
+        after = hf.embed_video(model, pixels, grid)
+    assert model.model.visual.blocks[0].mlp.up_proj.out_features == 128
+    assert model.config.vision_config.intermediate_size == 100  # the config (and fingerprints) keep the real width
+    assert torch.allclose(before, after, atol=1e-6)
+    assert hf.pad_vision_mlp(model) == 128  # already aligned: nothing changes
