@@ -348,6 +348,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
 
     # --- streaming ---
     engine = StreamEngine(loaded, config, s.fps)
+    engine.planned_frames = s.frames
     vocab = engine.vocab
     ask_after = {math.ceil(a / s.chunk_frames) - 1 for a in s.questions_at}
     weights_bytes = gpu_memory(dev)["allocated_bytes"]

@@ -24,7 +24,7 @@ from .config import SessionConfig
 from .errors import UserError
 from .metrics import gpu_memory, now, reset_peak, sync
 from .models import Loaded
-from .positions import Cursor, temporal_interval
+from .positions import Cursor, temporal_interval, text_positions
 
 
 @dataclass
@@ -149,6 +149,11 @@ class Vocab:
         return self.tok.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
 
 
+WARM_QUESTION_TOKENS = 128  # warm-up covers question prefills up to this many tokens
+RESERVE_MARGIN = 256  # cache room kept beyond the planned video for a question and its answer
+QUESTION_BUCKET = 16  # question prefills are padded to a multiple of this many tokens (see StreamEngine._prefill)
+
+
 def greedy_decode(
     model,
     cache,
@@ -215,6 +220,8 @@ class StreamEngine:
 
     # --- state --------------------------------------------------------------------------------
 
+    planned_frames: int | None = None  # frames the stream will encode in all (set by Stream): sizes the cache
+
     def reset(self) -> None:
         self.cache = hf.new_cache(self.model)
         self.cursor = Cursor()
@@ -271,10 +278,15 @@ class StreamEngine:
         parts.append(video.unsqueeze(0).to(parts[0].dtype if parts else video.dtype))
         positions.append(self.cursor.video(t_count, h, w, self.interval))
         hf.lm_forward(self.model, torch.cat(parts, dim=1), torch.cat(positions, dim=1), self.cache)
+        n_real = len(frames) - (1 if padded else 0)
+        if self.planned_frames:
+            # the whole video's cache at once: buffers that never move keep the decode graph and cuDNN's
+            # plans valid, and the peak is what the finished cache needs anyway
+            pairs_left = -(-max(self.planned_frames - (first + n_real), 0) // 2)
+            hf.reserve_cache(self.cache, self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN)
         sync(dev)
         encode_s = now() - t0
 
-        n_real = len(frames) - (1 if padded else 0)
         plan = list(range(first, first + n_real)) + ([first + n_real - 1] if padded else [])
         self.pending = []
         last = self.transcript[-1]
@@ -314,18 +326,24 @@ class StreamEngine:
         kernel selection). The live state is untouched."""
         saved = (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
                  self.chunks_encoded, self.turns, self.chunk_hook)
-        history = self.config.history
+        history, planned = self.config.history, self.planned_frames
         try:
             self.chunk_hook = None
+            self.planned_frames = None
             self.config.history = "drop"
             self.reset()
             if frames is None:
                 frames = np.zeros((2, 56, 56, 3), dtype=np.uint8)
             self.encode(frames[:2], 0)
             self.ask("warm up", max_new_tokens=3)
+            with torch.inference_mode():
+                for bucket in range(2 * QUESTION_BUCKET, WARM_QUESTION_TOKENS + 1, QUESTION_BUCKET):
+                    # longer questions' shapes too (their kernel choices), on the throwaway cache
+                    self._prefill([self.vocab.im_end] * bucket)
+                    hf.cache_drop_tail(self.cache, bucket)
             hf.warm_split_attention(self.model)
         finally:
-            self.config.history = history
+            self.config.history, self.planned_frames = history, planned
             (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
              self.chunks_encoded, self.turns, self.chunk_hook) = saved
 
@@ -356,6 +374,27 @@ class StreamEngine:
         copy = [TextSeg(list(s.ids)) if isinstance(s, TextSeg) else VideoSeg(list(s.frames), s.grid_h, s.grid_w) for s in self.transcript]
         return copy + [TextSeg(list(q_ids))]
 
+    def _prefill(self, feed: list[int]) -> torch.Tensor:
+        """Append a question's tokens to the cache and return the next token's logits.
+
+        With streamchat's attention the tokens are padded to a multiple of QUESTION_BUCKET and the pad
+        is cut from the cache straight after: the pad comes after the real tokens, so causal attention
+        keeps it out of their results, and a GPU meets a handful of shapes (warmed at load) instead of
+        a new one per question length (9-13 ms of kernel selection the first time, H200).
+        """
+        dev = self.loaded.device
+        n = len(feed)
+        positions = self.cursor.text(n)
+        if not self.config.stream_attention:  # the stock transformers forward, for comparisons
+            embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
+            return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache))
+        pad = -n % QUESTION_BUCKET
+        ids = torch.tensor(feed + [self.vocab.im_end] * pad, device=dev)
+        positions = torch.cat([positions, text_positions(self.cursor.next_pos, pad)], dim=1)
+        hidden = hf.text_prefill(self.model, self.cache, ids, positions, last=n - 1)
+        hf.cache_drop_tail(self.cache, pad)
+        return hf.lm_head(self.model, hidden)
+
     @torch.inference_mode()
     def ask(self, question: str, on_token: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         """Answer on top of the cache; then roll back (history=drop) or keep the turn (history=keep)."""
@@ -371,8 +410,7 @@ class StreamEngine:
         saved_cursor = self.cursor.copy()
         feed = self.pending + q_ids
         try:
-            embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
-            logits = hf.lm_head(self.model, hf.lm_forward(self.model, embeds, self.cursor.text(len(feed)), self.cache))
+            logits = self._prefill(feed)
             first_logits = logits.detach().cpu()
             decoder = hf.static_decoder(self.model, self.cache) if self.config.static_decode else None
             gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)

@@ -127,7 +127,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
         model, processor = _load_real(model_id, dev, dt)
     model.eval()
     if dev.startswith("cuda") and len(set((getattr(model, "hf_device_map", None) or {}).values())) <= 1:
-        hf.pad_vision_mlp(model)  # 3420 -> 3456 wide: Hopper GEMM kernels, the same function
+        hf.speed_up(model)  # the same function in faster kernels: vision MLP 3420 -> 3456 wide, fused norms
     return Loaded(model, processor, model_id, torch.device(dev), dt, config_fingerprint(model.config))
 
 

@@ -31,6 +31,7 @@ class Stream:
             # pay CUDA's one-time setup now, not on the first chunk or the first question
             h, w = source.info.resized_height, source.info.resized_width
             self.engine.warmup(np.zeros((2, h, w, 3), dtype=np.uint8))
+        self.engine.planned_frames = self.total_frames
         self.next_frame = 0  # plan position of the next frame to encode
         self._cache: dict[int, np.ndarray] = {}
 

@@ -7,6 +7,7 @@ from fractions import Fraction
 import torch
 
 from streamchat.config import SessionConfig
+from streamchat.engine import QUESTION_BUCKET
 from streamchat.positions import Cursor, temporal_interval, video_block_max, video_positions
 from streamchat.stream import Stream
 from streamchat.video import Sampling, VideoSource
@@ -49,16 +50,27 @@ def test_chunked_positions_equal_whole_block():
     assert torch.equal(torch.cat(parts, dim=1), whole)
 
 
+def _capture_positions(loaded, seen: list):
+    """Record the [3, L] position ids of every rotary-embedding call of the language model: each chunk
+    append, question prefill (transformers' forward or streamchat's lean loop) and decode step."""
+
+    def hook(mod, args, kw):
+        pos = kw["position_ids"] if "position_ids" in kw else args[1]
+        seen.append(pos[:, 0].clone())
+
+    return loaded.model.model.language_model.rotary_emb.register_forward_pre_hook(hook, with_kwargs=True)
+
+
 def test_engine_feeds_the_reference_positions(tiny, clip_long):
     """Capture the position ids the language model receives while streaming the long clip at 2 fps."""
     seen = []
-    lm = tiny.model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"][:, 0].clone()), with_kwargs=True)
+    handle = _capture_positions(tiny, seen)
     try:
         config = SessionConfig(model="tiny-random", sampling=Sampling(fps=2.0), chunk_frames=4, max_new_tokens=2,
                                static_decode=False)  # decode through the language model, so the hook sees it
         stream = Stream(tiny, VideoSource(clip_long, config.sampling), config)
         stream.encode_until(12)  # 3 chunks of 4 frames: 6 temporal patches of a 4x4 merged grid (112 px)
+        n_question = len(stream.engine.pending) + len(stream.engine.question_ids("What happened?"))
         stream.engine.ask("What happened?")
     finally:
         handle.remove()
@@ -74,16 +86,17 @@ def test_engine_feeds_the_reference_positions(tiny, clip_long):
     assert chunk2[0].tolist() == [s + 8] * 16 + [s + 10] * 16  # patches k = 4, 5 continue the block
     question = seen[3]
     assert question[:, 0].tolist() == [s + 11] * 3  # <|vision_end|> at max (s + 10) + 1
+    # the prefill is padded to a multiple of QUESTION_BUCKET; the pad continues the positions (and is cut)
+    assert question.shape[1] % QUESTION_BUCKET == 0 and question.shape[1] - n_question < QUESTION_BUCKET
     assert question[0].tolist() == list(range(s + 11, s + 11 + question.shape[1]))
     decode = seen[4]
-    assert decode[:, 0].tolist() == [s + 11 + question.shape[1]] * 3  # first answer token: last + 1
+    assert decode[:, 0].tolist() == [s + 11 + n_question] * 3  # first answer token: last real one + 1
 
 
 def test_engine_positions_for_a_short_clip_at_24fps(tiny, clip_24fps):
     """16 frames at 24 fps = 8 temporal patches, 1/6 position each: t = s for k < 6, s + 1 for k = 6, 7."""
     seen = []
-    lm = tiny.model.model.language_model
-    handle = lm.register_forward_pre_hook(lambda mod, args, kw: seen.append(kw["position_ids"][:, 0].clone()), with_kwargs=True)
+    handle = _capture_positions(tiny, seen)
     try:
         config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0), chunk_frames=4, max_new_tokens=1)
         stream = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)

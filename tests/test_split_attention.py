@@ -97,3 +97,22 @@ def test_padded_vision_mlp_is_the_same_function(tiny):
     assert model.config.vision_config.intermediate_size == 100  # the config (and fingerprints) keep the real width
     assert torch.allclose(before, after, atol=1e-6)
     assert hf.pad_vision_mlp(model) == 128  # already aligned: nothing changes
+
+
+def test_fused_rms_norms_are_the_same_function(tiny):
+    config = copy.deepcopy(tiny.model.config)
+    torch.manual_seed(1)
+    model = hf.new_model(config).eval()
+    for module in model.modules():  # non-trivial weights: the default init is all ones
+        if hasattr(module, "variance_epsilon"):
+            module.weight.data.uniform_(0.5, 1.5)
+    ids = torch.randint(0, config.text_config.vocab_size, (1, 9))
+    with torch.inference_mode():
+        before = model(input_ids=ids).logits
+        switched = hf.fuse_rms_norms(model)
+        after = model(input_ids=ids).logits
+    layers = config.text_config.num_hidden_layers
+    depth = config.vision_config.depth
+    assert switched == 2 * layers + 1 + 2 * depth + 1  # text layers, final norm, vision blocks, merger
+    assert torch.allclose(before, after, atol=1e-5)
+    assert hf.fuse_rms_norms(model) == 0
