@@ -151,6 +151,7 @@ class Vocab:
 
 WARM_QUESTION_TOKENS = 128  # warm-up covers question prefills up to this many tokens
 RESERVE_MARGIN = 256  # cache room kept beyond the planned video for a question and its answer
+CAPTURED_QUESTION_TOKENS = 64  # question graphs captured when the cache is sized (longer: on first use)
 QUESTION_BUCKET = 16  # question prefills are padded to a multiple of this many tokens (see StreamEngine._prefill)
 
 
@@ -283,7 +284,10 @@ class StreamEngine:
             # the whole video's cache at once: buffers that never move keep the decode graph and cuDNN's
             # plans valid, and the peak is what the finished cache needs anyway
             pairs_left = -(-max(self.planned_frames - (first + n_real), 0) // 2)
+            before = hf.cache_capacity(self.cache)
             hf.reserve_cache(self.cache, self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN)
+            if dev.type == "cuda" and hf.cache_capacity(self.cache) != before:
+                self.capture_question_graphs()
         sync(dev)
         encode_s = now() - t0
 
@@ -338,8 +342,9 @@ class StreamEngine:
             self.ask("warm up", max_new_tokens=3)
             with torch.inference_mode():
                 for bucket in range(2 * QUESTION_BUCKET, WARM_QUESTION_TOKENS + 1, QUESTION_BUCKET):
-                    # longer questions' shapes too (their kernel choices), on the throwaway cache
-                    self._prefill([self.vocab.im_end] * bucket)
+                    # longer questions' shapes too (their kernel choices), eagerly on the throwaway cache
+                    ids = torch.full((bucket,), self.vocab.im_end, device=self.loaded.device)
+                    hf.text_prefill(self.model, self.cache, ids, text_positions(self.cursor.next_pos, bucket), bucket - 1)
                     hf.cache_drop_tail(self.cache, bucket)
             hf.warm_split_attention(self.model)
         finally:
@@ -374,6 +379,14 @@ class StreamEngine:
         copy = [TextSeg(list(s.ids)) if isinstance(s, TextSeg) else VideoSeg(list(s.frames), s.grid_h, s.grid_w) for s in self.transcript]
         return copy + [TextSeg(list(q_ids))]
 
+    def capture_question_graphs(self) -> None:
+        """Capture the question prefill graphs for the common lengths on the current cache buffers, so a
+        first question pays no capture (longer ones are captured on first use)."""
+        for bucket in range(QUESTION_BUCKET, CAPTURED_QUESTION_TOKENS + 1, QUESTION_BUCKET):
+            graphs = hf.question_prefill(self.model, self.cache, bucket)
+            if graphs is not None:
+                graphs.capture(self.cache_tokens)
+
     def _prefill(self, feed: list[int]) -> torch.Tensor:
         """Append a question's tokens to the cache and return the next token's logits.
 
@@ -389,9 +402,12 @@ class StreamEngine:
             embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
             return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache))
         pad = -n % QUESTION_BUCKET
-        ids = torch.tensor(feed + [self.vocab.im_end] * pad, device=dev)
+        ids = torch.tensor(feed + [self.vocab.im_end] * pad)
         positions = torch.cat([positions, text_positions(self.cursor.next_pos, pad)], dim=1)
-        hidden = hf.text_prefill(self.model, self.cache, ids, positions, last=n - 1)
+        graphs = hf.question_prefill(self.model, self.cache, n + pad)
+        if graphs is not None:
+            return graphs.run(ids, positions, n)
+        hidden = hf.text_prefill(self.model, self.cache, ids.to(dev), positions, last=n - 1)
         hf.cache_drop_tail(self.cache, pad)
         return hf.lm_head(self.model, hidden)
 
