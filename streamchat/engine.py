@@ -379,6 +379,19 @@ class StreamEngine:
         copy = [TextSeg(list(s.ids)) if isinstance(s, TextSeg) else VideoSeg(list(s.frames), s.grid_h, s.grid_w) for s in self.transcript]
         return copy + [TextSeg(list(q_ids))]
 
+    def plan_cache(self, total_frames: int, height: int, width: int) -> None:
+        """Size the cache for a whole video of `total_frames` frames of height x width (resized) before
+        the first chunk, and on a GPU capture the question graphs on it: buffers that never move keep
+        the graphs and cuDNN's plans valid, and the capture is paid at load, not in the first chunk."""
+        self.planned_frames = total_frames
+        vc = hf.vision_config(self.model)
+        unit = vc.patch_size * vc.spatial_merge_size
+        per_pair = (height // unit) * (width // unit)
+        tokens = len(self.pending) + -(-total_frames // 2) * per_pair + self.config.max_new_tokens + RESERVE_MARGIN
+        hf.allocate_cache(self.model, self.cache, tokens)
+        if self.loaded.device.type == "cuda":
+            self.capture_question_graphs()
+
     def capture_question_graphs(self) -> None:
         """Capture the question prefill graphs for the common lengths on the current cache buffers, so a
         first question pays no capture (longer ones are captured on first use)."""

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 
 from streamchat import hf
+from streamchat.config import SessionConfig
+from streamchat.stream import Stream
+from streamchat.video import Sampling, VideoSource
 
 
 def test_growing_cache_equals_stock_cache_through_appends_and_rollbacks(tiny):
@@ -53,3 +56,23 @@ def test_static_decoder_matches_eager_decode(tiny, clip_24fps):
     for (ka, va), (kb, vb) in zip(la, lb):
         assert ka.shape == kb.shape
         assert float((ka - kb).abs().max()) <= 1e-5 and float((va - vb).abs().max()) <= 1e-5
+
+
+def test_cache_planned_for_the_whole_video_never_moves_and_matches_offline(tiny, clip_24fps):
+    """plan_cache sizes the buffers once (the GPU's graphs and cuDNN plans are tied to them): streaming the
+    whole clip and answering stays inside them, with the same answer as the offline path."""
+    from streamchat.compare import match
+    from streamchat.offline import answer_offline
+
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=8)
+    source = VideoSource(clip_24fps, config.sampling)
+    stream = Stream(tiny, source, config)
+    stream.engine.plan_cache(stream.total_frames, source.info.resized_height, source.info.resized_width)
+    layer = stream.engine.cache.layers[0]
+    capacity, address = hf.cache_capacity(stream.engine.cache), layer._k.data_ptr()
+    assert capacity >= 16 * 16  # 16 frame pairs of 16 merged tokens (112 px)
+    stream.encode_until(stream.total_frames)
+    ans = stream.engine.ask("What is moving?")
+    assert hf.cache_capacity(stream.engine.cache) == capacity and layer._k.data_ptr() == address
+    off = answer_offline(tiny, ans.prompt, stream.read_frames, stream.fps, ans.question, 8, stream.engine.vocab)
+    assert match(ans, off)["identical"]
