@@ -379,6 +379,7 @@ class StreamEngine:
         copy = [TextSeg(list(s.ids)) if isinstance(s, TextSeg) else VideoSeg(list(s.frames), s.grid_h, s.grid_w) for s in self.transcript]
         return copy + [TextSeg(list(q_ids))]
 
+    @torch.inference_mode()
     def plan_cache(self, total_frames: int, height: int, width: int) -> None:
         """Size the cache for a whole video of `total_frames` frames of height x width (resized) before
         the first chunk, and on a GPU capture the question graphs on it: buffers that never move keep
@@ -391,7 +392,9 @@ class StreamEngine:
         hf.allocate_cache(self.model, self.cache, tokens)
         if self.loaded.device.type == "cuda":
             self.capture_question_graphs()
+            hf.warm_split_plans(self.model, self.cache, self.config.chunk_frames // 2 * per_pair, tokens)
 
+    @torch.inference_mode()  # no autograd graph may hold the capture's activations
     def capture_question_graphs(self) -> None:
         """Capture the question prefill graphs for the common lengths on the current cache buffers, so a
         first question pays no capture (longer ones are captured on first use)."""

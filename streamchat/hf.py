@@ -177,11 +177,59 @@ def use_fast_vision_rotary() -> None:
         m.apply_rotary_pos_emb_vision = _vision_rotary
 
 
+def fuse_projections(model) -> None:
+    """Lay each text layer's q/k/v weights (and biases) out as one tensor, and gate/up as another, with
+    the modules' weights becoming views into them: no extra memory, the modules compute as before, and
+    the decode step and question graphs make one matrix-vector product where they made three (two).
+    """
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            if getattr(attn, "_streamchat_qkv", None) is None:
+                projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+                w = torch.cat([p.weight for p in projs])
+                b = torch.cat([p.bias for p in projs])
+                start = 0
+                for p in projs:
+                    rows = p.weight.shape[0]
+                    p.weight = torch.nn.Parameter(w[start : start + rows], requires_grad=False)
+                    p.bias = torch.nn.Parameter(b[start : start + rows], requires_grad=False)
+                    start += rows
+                attn._streamchat_qkv = (w, b)
+            if getattr(mlp, "_streamchat_gate_up", None) is None:
+                w = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+                rows = mlp.gate_proj.weight.shape[0]
+                mlp.gate_proj.weight = torch.nn.Parameter(w[:rows], requires_grad=False)
+                mlp.up_proj.weight = torch.nn.Parameter(w[rows:], requires_grad=False)
+                mlp._streamchat_gate_up = w
+
+
+def _qkv(attn, x):
+    """q, k, v projections of x [1, T, D], through the fused weights when `fuse_projections` ran."""
+    fused = getattr(attn, "_streamchat_qkv", None)
+    if fused is None:
+        return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    out = torch.nn.functional.linear(x, fused[0], fused[1])
+    nq, nk = attn.q_proj.out_features, attn.k_proj.out_features
+    return out[..., :nq], out[..., nq : nq + nk], out[..., nq + nk :]
+
+
+def _mlp(mlp, x):
+    """The gated MLP of x, gate and up in one product when `fuse_projections` ran."""
+    fused = getattr(mlp, "_streamchat_gate_up", None)
+    if fused is None:
+        return mlp(x)
+    gu = torch.nn.functional.linear(x, fused)
+    rows = mlp.gate_proj.out_features
+    return mlp.down_proj(mlp.act_fn(gu[..., :rows]) * gu[..., rows:])
+
+
 def speed_up(model) -> None:
     """The GPU's same-function rewrites of the model's layers (see `pad_vision_mlp`, `fuse_rms_norms`,
     `_vision_rotary`)."""
     pad_vision_mlp(model)
     fuse_rms_norms(model)
+    fuse_projections(model)
     use_fast_vision_rotary()
 
 
@@ -361,6 +409,24 @@ def warm_split_attention(model) -> None:
     q = torch.randn(1, cfg.num_attention_heads, SPLIT_MIN_QUERIES, d, device=dev, dtype=model.dtype)
     kv = torch.randn(1, cfg.num_key_value_heads, PREFIX_BLOCK + SPLIT_MIN_QUERIES, d, device=dev, dtype=model.dtype)
     _split_attention(q, kv, kv, PREFIX_BLOCK, d**-0.5)
+
+
+def warm_split_plans(model, cache, queries: int, tokens: int) -> int:
+    """Build cuDNN's plans now for every prefix length that appends of `queries` tokens will meet on
+    `cache` up to `tokens` cached tokens (one per PREFIX_BLOCK, ~35 ms of host time each, H200), so the
+    stream does not stall on them. Needs the cache's buffers allocated; returns the plans built."""
+    layer = cache.layers[0] if cache.layers else None
+    k, v = getattr(layer, "_k", None), getattr(layer, "_v", None)
+    if k is None or queries < SPLIT_MIN_QUERIES or not k.is_cuda or k.dtype not in (torch.bfloat16, torch.float16):
+        return 0
+    cfg = model.config.text_config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    q = torch.randn(1, cfg.num_attention_heads, queries, d, device=k.device, dtype=k.dtype)
+    built = 0
+    for prefix in range(PREFIX_BLOCK, min(tokens, k.shape[-2]) - queries + 1, PREFIX_BLOCK):
+        _attend_lse(q, k[..., :prefix, :], v[..., :prefix, :], False, d**-0.5)
+        built += 1
+    return built
 
 
 def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -684,9 +750,10 @@ class StaticDecoder:
             attn = layer.self_attn
             residual = hidden
             x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, H, 1, Dh]
-            k = attn.k_proj(x).view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, H_kv, 1, Dh]
-            v = attn.v_proj(x).view(1, 1, -1, attn.head_dim).transpose(1, 2)
+            q, k, v = _qkv(attn, x)
+            q = q.view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, H, 1, Dh]
+            k = k.view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, H_kv, 1, Dh]
+            v = v.view(1, 1, -1, attn.head_dim).transpose(1, 2)
             # rotary on q and k in one pass (the stock pair of calls is 10 small kernels, 5 here)
             qk = torch.cat([q, k], dim=1)  # [1, H + H_kv, 1, Dh]
             qk = qk * cos.unsqueeze(1) + self._rotate_half(qk) * sin.unsqueeze(1)
@@ -699,7 +766,7 @@ class StaticDecoder:
                     self.cu_q, self.cu_k, 1, kv._k.shape[-2], 0.0, False, False, scale=attn.scaling,
                 )[0]  # [1, H, Dh]
                 hidden = residual + attn.o_proj(out.reshape(1, 1, -1))
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
                 continue
             h_kv = kv._k.shape[1]
             qg = q.reshape(1, h_kv, -1, attn.head_dim)  # [1, H_kv, G, Dh]: heads grouped by their KV head
@@ -714,7 +781,7 @@ class StaticDecoder:
             out = torch.matmul(p_blk, v_blk).float().sum(2).to(kv._v.dtype)  # [1, H_kv, G, Dh]
             out = out.reshape(1, 1, -1)  # [1, 1, H * Dh]
             hidden = residual + attn.o_proj(out)
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+            hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
         logits = self.model.lm_head(lm.norm(hidden))[0, -1]
         self.token.copy_(torch.argmax(logits).view(1))
         self.length.add_(1)
@@ -797,14 +864,15 @@ class QuestionPrefill:
         else:
             layer = lm.layers[i - 1]
             hidden = self.hidden + layer.self_attn.o_proj(self.attn_out)
-            self.hidden.copy_(hidden + layer.mlp(layer.post_attention_layernorm(hidden)))
+            self.hidden.copy_(hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden)))
         if i < len(lm.layers):
             layer, kv = lm.layers[i], self.cache.layers[i]
             attn = layer.self_attn
             x = layer.input_layernorm(self.hidden)
-            q = attn.q_proj(x).view(1, t, -1, self.dh).transpose(1, 2)  # [1, H, T, Dh]
-            k = attn.k_proj(x).view(1, t, -1, self.dh).transpose(1, 2)  # [1, H_kv, T, Dh]
-            v = attn.v_proj(x).view(1, t, -1, self.dh).transpose(1, 2)
+            q, k, v = _qkv(attn, x)
+            q = q.view(1, t, -1, self.dh).transpose(1, 2)  # [1, H, T, Dh]
+            k = k.view(1, t, -1, self.dh).transpose(1, 2)  # [1, H_kv, T, Dh]
+            v = v.view(1, t, -1, self.dh).transpose(1, 2)
             q, k = self._rope(q, k, self.cos, self.sin)
             kv._k.index_copy_(2, self.slot, k)
             kv._v.index_copy_(2, self.slot, v)
@@ -830,6 +898,7 @@ class QuestionPrefill:
     def _key(self):
         return tuple((layer._k.data_ptr(), layer._k.shape[-2]) for layer in self.cache.layers)
 
+    @torch.inference_mode()
     def capture(self, n: int) -> None:
         """Capture the segments' graphs (GPU only); runs them once eagerly first, writing K/V rows
         [n, n + bucket) beyond the cache's length, which the next append or prefill overwrites."""

@@ -116,3 +116,21 @@ def test_fused_rms_norms_are_the_same_function(tiny):
     assert switched == 2 * layers + 1 + 2 * depth + 1  # text layers, final norm, vision blocks, merger
     assert torch.allclose(before, after, atol=1e-5)
     assert hf.fuse_rms_norms(model) == 0
+
+
+def test_fused_projections_stream_equal_to_offline(clip_24fps):
+    """q/k/v and gate/up laid out as one tensor each (the GPU's layout): the modules still compute the
+    same, and streaming through the fused products (question graphs, decode steps) matches offline."""
+    from streamchat.models import load
+
+    loaded = load("tiny-random", device="cpu", dtype="float32")
+    layer = loaded.model.model.language_model.layers[0]
+    before = [p.clone() for p in (layer.self_attn.k_proj.weight, layer.mlp.up_proj.weight)]
+    hf.fuse_projections(loaded.model)
+    w, b = layer.self_attn._streamchat_qkv
+    assert layer.self_attn.k_proj.weight.data_ptr() == w[layer.self_attn.q_proj.out_features].data_ptr()  # a view
+    assert torch.equal(layer.self_attn.k_proj.weight, before[0]) and torch.equal(layer.mlp.up_proj.weight, before[1])
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=15), chunk_frames=4, max_new_tokens=12)
+    report = run_compare(loaded, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
+    assert report["match"]["identical"] is True
+    assert report["match"]["max_logit_diff"] <= 1e-4
