@@ -278,7 +278,11 @@ class StreamEngine:
             positions.append(self.cursor.text(len(text_ids)))
         parts.append(video.unsqueeze(0).to(parts[0].dtype if parts else video.dtype))
         positions.append(self.cursor.video(t_count, h, w, self.interval))
-        hf.lm_forward(self.model, torch.cat(parts, dim=1), torch.cat(positions, dim=1), self.cache)
+        graphs = None if text_ids or not self.config.stream_attention else hf.chunk_append(self.model, self.cache, video.shape[0])
+        if graphs is not None:  # a chunk of video tokens only: the layers as CUDA graphs
+            graphs.run(parts[0], positions[0], video.shape[0])
+        else:
+            hf.lm_forward(self.model, torch.cat(parts, dim=1), torch.cat(positions, dim=1), self.cache)
         n_real = len(frames) - (1 if padded else 0)
         if self.planned_frames:
             # the whole video's cache at once: buffers that never move keep the decode graph and cuDNN's
@@ -392,7 +396,15 @@ class StreamEngine:
         hf.allocate_cache(self.model, self.cache, tokens)
         if self.loaded.device.type == "cuda":
             self.capture_question_graphs()
-            hf.warm_split_plans(self.model, self.cache, self.config.chunk_frames // 2 * per_pair, tokens)
+            chunk_tokens = self.config.chunk_frames // 2 * per_pair
+            hf.warm_split_plans(self.model, self.cache, chunk_tokens, tokens)
+            appender = hf.chunk_append(self.model, self.cache, chunk_tokens)
+            if appender is not None:
+                appender.capture(self.cache_tokens)
+            patch = vc.patch_size
+            grid = torch.tensor([[self.config.chunk_frames // vc.temporal_patch_size, height // patch, width // patch]])
+            pixels = (int(grid.prod()), vc.in_channels * vc.temporal_patch_size * patch * patch)
+            hf.vision_graph(self.model, grid, pixels).run()  # captured now, replayed per chunk
 
     @torch.inference_mode()  # no autograd graph may hold the capture's activations
     def capture_question_graphs(self) -> None:

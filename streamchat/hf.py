@@ -270,9 +270,83 @@ def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-    """Run the vision tower: pixel patches -> merged video embeddings [tokens, D]."""
+    """Run the vision tower: pixel patches -> merged video embeddings [tokens, D].
+
+    On a GPU each frame grid's tower runs as one CUDA graph (`VisionGraph`)."""
+    graph = vision_graph(model, grid_thw, pixel_values.shape)
+    if graph is not None:
+        return graph.run(pixel_values)
     out = model.model.get_video_features(pixel_values.to(model.device, non_blocking=True), grid_thw.to(model.device))
     return torch.cat(out.pooler_output, dim=0)
+
+
+def vision_graph(model, grid_thw: torch.Tensor, pixel_shape) -> "VisionGraph | None":
+    """The VisionGraph for one video's grid [1, 3] (made on first use), or None off the GPU or for a
+    model spread over several devices."""
+    if model.device.type != "cuda" or len(grid_thw) != 1 or getattr(model, "hf_device_map", None) is not None:
+        return None
+    key = tuple(int(x) for x in grid_thw[0])
+    graphs = model.__dict__.setdefault("_streamchat_vision_graphs", {})
+    if key not in graphs:
+        graphs[key] = VisionGraph(model, grid_thw, pixel_shape)
+    return graphs[key]
+
+
+class VisionGraph:
+    """The vision tower for one frame grid: its index tables computed once, then (GPU) one CUDA graph.
+
+    The stock forward recomputes rotary positions, window order and sequence bounds from the grid on
+    every call, with host syncs among them, then launches ~30 kernels per block: at 448x448 a chunk's
+    tower was ~17 ms of host time for ~5 ms of GPU work (H200). The tables go in as transformers'
+    precomputed kwargs, so the tower's own forward runs unchanged, and on a GPU that forward is
+    captured once and replayed per chunk with the pixels copied into a fixed input buffer.
+    """
+
+    def __init__(self, model, grid_thw: torch.Tensor, pixel_shape) -> None:
+        from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
+
+        vis = model.model.visual
+        dev = model.device
+        grid = grid_thw.to(dev)
+        cu, _ = get_vision_attention_seqlens(grid, vis.config, kwargs={"max_seqlen": 0})
+        window_index, cu_window = get_vision_window_index(
+            grid, spatial_merge_size=vis.spatial_merge_size, window_size=vis.window_size, patch_size=vis.patch_size
+        )
+        self.kwargs = dict(
+            position_ids=get_vision_position_ids(grid, vis.spatial_merge_size),
+            cu_seqlens=cu,
+            max_seqlen=int((cu[1:] - cu[:-1]).max()),
+            window_index=window_index.to(dev),
+            cu_window_seqlens=cu_window,
+            max_window_seqlen=int((cu_window[1:] - cu_window[:-1]).max()),
+        )
+        self.vis, self.grid = vis, grid
+        self.pixels = torch.zeros(tuple(pixel_shape), dtype=vis.dtype, device=dev)
+        self.out = None
+        self.graph = None
+
+    def forward(self) -> torch.Tensor:
+        """The stock tower on `self.pixels` with the precomputed tables (it pops them: pass a copy)."""
+        return self.vis(self.pixels, grid_thw=self.grid, **dict(self.kwargs)).pooler_output
+
+    @torch.inference_mode()
+    def run(self, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """The tower's embeddings [tokens, D] of `pixel_values` (None: of whatever the buffer holds)."""
+        if pixel_values is not None:
+            self.pixels.copy_(pixel_values, non_blocking=True)
+        if self.pixels.device.type != "cuda":
+            return self.forward()
+        if self.graph is None:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.forward()  # warm-up (Triton compiles, cuBLAS picks kernels) off the capture
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out = self.forward()
+        self.graph.replay()
+        return self.out.clone()  # the next replay overwrites `out`
 
 
 def lm_forward(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
@@ -827,11 +901,15 @@ class QuestionPrefill:
     one graph: 37 replays and 36 flash calls per question. Attention stays eager because its length
     changes with the cache. Inputs are fixed-shape buffers (`ids`, `pos`, `slot`, `last`), so the
     graphs are captured once per cache buffer set. On the CPU the same segments run eagerly.
+
+    With `chunk=True` the same graphs append a video chunk: the input is the chunk's embeddings
+    (copied into `hidden`) at its M-RoPE positions, and nothing after the last layer's attention is
+    computed (only the K/V a chunk leaves in the cache matter).
     """
 
-    def __init__(self, model, cache, bucket: int):
+    def __init__(self, model, cache, bucket: int, chunk: bool = False):
         lm = model.model.language_model
-        self.model, self.cache, self.lm, self.t = model, cache, lm, bucket
+        self.model, self.cache, self.lm, self.t, self.chunk = model, cache, lm, bucket, chunk
         dev, dt = model.device, lm.embed_tokens.weight.dtype
         cfg = lm.config
         self.dh = cfg.hidden_size // cfg.num_attention_heads
@@ -855,7 +933,8 @@ class QuestionPrefill:
         """Layer i-1's second half (i > 0) and layer i's first half (i < layers); the head at the end."""
         lm, t = self.lm, self.t
         if i == 0:
-            self.hidden.copy_(lm.embed_tokens(self.ids.view(1, -1)))
+            if not self.chunk:
+                self.hidden.copy_(lm.embed_tokens(self.ids.view(1, -1)))
             cos, sin = lm.rotary_emb(self.hidden, self.pos.view(3, 1, -1))
             if self.cos is None:  # the first (eager) run allocates them outside any graph
                 self.cos, self.sin = torch.empty_like(cos), torch.empty_like(sin)
@@ -888,9 +967,13 @@ class QuestionPrefill:
         out, _ = _stream_sdpa(None, self.q, k, v, None, scaling=self.lm.layers[i].self_attn.scaling)
         self.attn_out.copy_(out.view(1, self.t, -1))
 
+    @property
+    def segments(self) -> int:
+        return len(self.lm.layers) + (0 if self.chunk else 1)
+
     def _eager(self, n: int) -> None:
         layers = len(self.lm.layers)
-        for i in range(layers + 1):
+        for i in range(self.segments):
             self._segment(i)
             if i < layers:
                 self._attend(i, n)
@@ -912,31 +995,34 @@ class QuestionPrefill:
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         graphs = []
-        for i in range(len(self.lm.layers) + 1):
+        for i in range(self.segments):
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g, pool=pool):
                 self._segment(i)
             graphs.append(g)
         self.graphs, self._graph_key = graphs, self._key()
 
-    def run(self, ids: torch.Tensor, positions: torch.Tensor, n_real: int) -> torch.Tensor:
-        """Prefill `ids` [bucket] (the first n_real real, the rest padding) at `positions` [3, bucket]
-        after the cache's tokens; the cache keeps the n_real real ones. Returns the logits [V] of the
-        last real token."""
-        n = self.cache.get_seq_length()
-        for layer in self.cache.layers:
-            layer._reserve(n + self.t, layer._k, layer._v)
-        self.ids.copy_(ids, non_blocking=True)
+    def _inputs(self, ids, positions, n: int, n_real: int) -> None:
+        if self.chunk:
+            self.hidden.copy_(ids)
+        else:
+            self.ids.copy_(ids, non_blocking=True)
         self.pos.copy_(positions, non_blocking=True)
         torch.add(self.arange, n, out=self.slot)
         self.last.fill_(n_real - 1)
+
+    def run(self, ids: torch.Tensor, positions: torch.Tensor, n_real: int) -> torch.Tensor:
+        """Prefill `ids` [bucket] (the first n_real real, the rest padding) at `positions` [3, bucket]
+        after the cache's tokens; the cache keeps the n_real real ones. Returns the logits [V] of the
+        last real token. For a chunk `ids` are the embeddings [1, bucket, D] and nothing is returned."""
+        n = self.cache.get_seq_length()
+        for layer in self.cache.layers:
+            layer._reserve(n + self.t, layer._k, layer._v)
+        self._inputs(ids, positions, n, n_real)
         if self.hidden.device.type == "cuda":
             if self.graphs is None or self._graph_key != self._key():
                 self.capture(n)
-                self.ids.copy_(ids)
-                self.pos.copy_(positions)
-                torch.add(self.arange, n, out=self.slot)
-                self.last.fill_(n_real - 1)
+                self._inputs(ids, positions, n, n_real)
             layers = len(self.lm.layers)
             for i, graph in enumerate(self.graphs):
                 graph.replay()
@@ -962,6 +1048,21 @@ def question_prefill(model, cache, bucket: int) -> QuestionPrefill | None:
     if bucket not in table:
         table[bucket] = QuestionPrefill(model, cache, bucket)
     return table[bucket]
+
+
+SEGMENTS_ON_CPU = False  # tests run chunk appends through the graphs' segments (eagerly) on the CPU
+MAX_CHUNK_GRAPH = 1024  # larger chunks are GPU-bound: eager (their graphs would hold 100s of MB)
+
+
+def chunk_append(model, cache, tokens: int) -> QuestionPrefill | None:
+    """The graphs appending a video chunk of `tokens` tokens to `cache` (see QuestionPrefill), or None
+    where they do not apply (not a GPU, a chunk over MAX_CHUNK_GRAPH, the stock cache, several devices)."""
+    if (model.device.type != "cuda" and not SEGMENTS_ON_CPU) or tokens > MAX_CHUNK_GRAPH or static_decoder(model, cache) is None:
+        return None
+    table = cache.__dict__.setdefault("_streamchat_chunks", {})
+    if tokens not in table:
+        table[tokens] = QuestionPrefill(model, cache, tokens, chunk=True)
+    return table[tokens]
 
 
 def static_decoder(model, cache) -> StaticDecoder | None:

@@ -134,3 +134,41 @@ def test_fused_projections_stream_equal_to_offline(clip_24fps):
     report = run_compare(loaded, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
     assert report["match"]["identical"] is True
     assert report["match"]["max_logit_diff"] <= 1e-4
+
+
+def test_vision_graph_tables_give_the_stock_tower(tiny, clip_24fps):
+    """VisionGraph's precomputed tables fed to the tower's own forward give the stock embeddings (the
+    GPU then captures exactly this forward as a graph)."""
+    from streamchat.engine import StreamEngine
+
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0), chunk_frames=4)
+    engine = StreamEngine(tiny, config, fps=24.0)
+    frames = VideoSource(clip_24fps, config.sampling).read(0, 4)
+    pixels, grid = engine.preprocess(frames)
+    with torch.inference_mode():
+        stock = hf.embed_video(tiny.model, pixels, grid)
+        graph = hf.VisionGraph(tiny.model, grid, pixels.shape)
+        got = graph.run(pixels)
+        again = graph.run(pixels)
+    assert torch.equal(got, stock) and torch.equal(again, stock)
+    assert graph.kwargs["window_index"].shape[0] == stock.shape[0]
+
+
+def test_chunk_appends_through_the_layer_segments_match_offline(tiny, clip_24fps, monkeypatch):
+    """The GPU appends pure-video chunks through QuestionPrefill's segments (as CUDA graphs); on the CPU
+    the same segments run eagerly: the stream still equals the offline path."""
+    runs = []
+    real = hf.QuestionPrefill.run
+
+    def counted(self, ids, positions, n_real):
+        runs.append((self.chunk, n_real))
+        return real(self, ids, positions, n_real)
+
+    monkeypatch.setattr(hf, "SEGMENTS_ON_CPU", True)
+    monkeypatch.setattr(hf.QuestionPrefill, "run", counted)
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
+    report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
+    assert report["match"]["identical"] is True
+    assert report["match"]["max_logit_diff"] <= 1e-4
+    assert runs.count((True, 32)) == 7  # chunks 2..8 (the first also carries the prompt's text)
+    assert (False, runs[-1][1]) == runs[-1]  # and the question
