@@ -273,11 +273,53 @@ def probe_mlp(tokens: int) -> None:
         note(f"mlp tokens={tokens} width={width} down(no bias epilogue) ms", round(down_nb, 3))
 
 
+def probe_split_keys(L: int, S: int) -> None:
+    """cuDNN over the cache prefix with the keys split into s parts folded into the batch (more thread
+    blocks for short chunks), against one call; each merged by log-sum-exp."""
+    tag = f"splitk L={L} S={S}"
+    g = torch.Generator(device=DEV).manual_seed(L * 7 + S)
+    q = torch.randn(1, H, L, D, device=DEV, dtype=DT, generator=g)
+    cap = S + 4096
+    kbuf = torch.randn(1, HK, cap, D, device=DEV, dtype=DT, generator=g)
+    vbuf = torch.randn(1, HK, cap, D, device=DEV, dtype=DT, generator=g)
+    k, v = kbuf[:, :, :S], vbuf[:, :, :S]
+    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    qf = fold(q)
+    for parts in (1, 2, 3, 4):
+        if S % parts:
+            continue
+
+        def run(parts=parts):
+            kk = k.view(1, HK, parts, S // parts, D).permute(0, 2, 1, 3, 4).reshape(parts, HK, S // parts, D) if parts > 1 else k
+            vv = v.view(1, HK, parts, S // parts, D).permute(0, 2, 1, 3, 4).reshape(parts, HK, S // parts, D) if parts > 1 else v
+            qq = qf.expand(parts, -1, -1, -1).contiguous() if parts > 1 else qf
+            o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qq, kk, vv, None, True, 0.0, False, False, scale=SCALE)[:2]
+            if parts == 1:
+                return o
+            w = torch.softmax(lse.reshape(parts, HK, -1).float(), dim=0).unsqueeze(-1)  # [parts, HK, G*L, 1]
+            return (o.float() * w).sum(0, keepdim=True).to(DT)
+
+        try:
+            run()
+            torch.cuda.synchronize()
+            note(f"{tag} parts={parts} rel", rel(unfold(run(), L), ref))
+            t = timed(run)
+            note(f"{tag} parts={parts} ms / TFLOP/s", [round(t, 3), round(4 * H * D * L * S / t / 1e9, 1)])
+        except Exception as e:  # noqa: BLE001
+            note(f"{tag} parts={parts} error", repr(e)[:300])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default="probe.json")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--part", default="all", help="all, or splitk (key-split cuDNN only)")
     args = ap.parse_args()
+    if args.part == "splitk":
+        with torch.inference_mode():
+            for L, S in [(512, 49152), (512, 98304), (2392, 57344), (2392, 114688)]:
+                probe_split_keys(L, S)
+        return
     note("device", torch.cuda.get_device_name())
     note("torch", torch.__version__)
     note("cudnn", torch.backends.cudnn.version())

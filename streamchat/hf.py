@@ -424,7 +424,7 @@ STREAM_ATTENTION = "streamchat_sdpa"
 # so cuDNN builds a new plan (~35 ms) once per block rather than per chunk), and the rest (the last
 # partial block and the chunk itself) with the lower-right causal mask (flash attention).
 PREFIX_BLOCK = 8192
-SPLIT_MIN_QUERIES = 1024  # shorter appends gain nothing (448x448 chunks of 512 tokens: 91 -> 100 frames/s without)
+SPLIT_MIN_QUERIES = 512  # a 448x448 chunk (512 tokens) gains 4% (H200, graphs on); questions (<= 256) would only pay plans
 SPLIT_ON_CPU = False  # tests turn the split on for the CPU, where it runs in plain torch
 
 
@@ -436,7 +436,33 @@ def _split_applies(query, prefix: int) -> bool:
     return SPLIT_ON_CPU
 
 
+KEY_PARTS = 2  # the unmasked prefix's keys go in this many parts, folded into the batch
+
+
 def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [1, H, L, D] over k/v [1, H_kv, S, D], and its log-sum-exp [1, H, L] (float32).
+
+    Without a mask the keys are cut into KEY_PARTS parts, laid side by side in the batch (views, no
+    copies) and the parts merged by log-sum-exp: twice the thread blocks for cuDNN, which for a
+    512-token chunk has too few rows to fill the GPU (H200: 344 -> 540-590 TFLOP/s at 49-98k keys;
+    2392-token chunks 546 -> 603-614, `scripts/attn_probe.py --part splitk`).
+    """
+    s = k.shape[2]
+    if causal or KEY_PARTS < 2 or s % KEY_PARTS or not (q.is_cuda or SPLIT_ON_CPU):
+        return _attend_lse_one(q, k, v, causal, scale)
+    b, h, n, d = q.shape
+    hk, p = k.shape[1], KEY_PARTS
+
+    def parts(t):  # [1, H_kv, S, D] -> [P, H_kv, S/P, D], a view
+        return t.view(b, hk, p, s // p, d).permute(0, 2, 1, 3, 4).reshape(b * p, hk, s // p, d)
+
+    o, lse = _attend_lse_one(q.expand(p, h, n, d), parts(k), parts(v), False, scale)  # [P, H, L, D], [P, H, L]
+    total = torch.logsumexp(lse, dim=0, keepdim=True)  # [1, H, L]
+    w = torch.exp(lse - total).unsqueeze(-1)
+    return (o.float() * w).sum(0, keepdim=True), total
+
+
+def _attend_lse_one(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, L, D] over k/v [B, H_kv, S, D], and its log-sum-exp [B, H, L] (float32).
 
     `causal` is the lower-right causal mask (query i sees keys up to S - L + i); otherwise no mask.
@@ -449,7 +475,7 @@ def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torc
         if causal:  # flash attention's causal mask is aligned to the bottom right when n != S
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
             return out, lse
-        qf = q.reshape(b, hk, (h // hk) * n, d)
+        qf = q.reshape(b, hk, (h // hk) * n, d)  # a copy: q is strided (and expanded for key parts)
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qf, k, v, None, True, 0.0, False, False, scale=scale)[:2]
         return out.reshape(b, h, n, d), lse.reshape(b, h, n)
     qf = q.reshape(b, hk, (h // hk) * n, d)
@@ -467,9 +493,9 @@ def _split_attention(query, key, value, prefix: int, scale: float) -> torch.Tens
     """Lower-right causal attention as prefix (no mask) + tail (causal), merged; returns [B, L, H, D]."""
     o1, l1 = _attend_lse(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
     o2, l2 = _attend_lse(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
-    m = torch.maximum(l1, l2)
-    w1, w2 = torch.exp(l1 - m).unsqueeze(-1), torch.exp(l2 - m).unsqueeze(-1)
-    out = (o1.float() * w1 + o2.float() * w2) / (w1 + w2)
+    # softmax over both parts: o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2) = o2 + (o1 - o2) * sigmoid(l1 - l2)
+    w = torch.sigmoid(l1 - l2).unsqueeze(-1)
+    out = torch.lerp(o2.float(), o1.float(), w)
     return out.to(query.dtype).transpose(1, 2).contiguous()
 
 

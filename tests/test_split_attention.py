@@ -172,3 +172,15 @@ def test_chunk_appends_through_the_layer_segments_match_offline(tiny, clip_24fps
     assert report["match"]["max_logit_diff"] <= 1e-4
     assert runs.count((True, 32)) == 7  # chunks 2..8 (the first also carries the prompt's text)
     assert (False, runs[-1][1]) == runs[-1]  # and the question
+
+
+@pytest.mark.parametrize("parts", [2, 4])
+def test_prefix_keys_in_parts_merge_to_one_call(parts, monkeypatch):
+    monkeypatch.setattr(hf, "SPLIT_ON_CPU", True)
+    monkeypatch.setattr(hf, "KEY_PARTS", parts)
+    q, k, v = _qkv(9, 24, seed=parts)
+    out, lse = hf._attend_lse(q, k, v, False, 0.25)
+    ref_out, ref_lse = hf._attend_lse_one(q, k, v, False, 0.25)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-5)
+    assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True), atol=1e-6)
