@@ -418,13 +418,14 @@ def full_forward(model, input_ids, pixel_values, grid_thw, position_ids, cache) 
 STREAM_ATTENTION = "streamchat_sdpa"
 
 
-# A chunk appended to a long cache attends to the cache in two parts, merged by log-sum-exp: the cache's
-# prefix in whole blocks of PREFIX_BLOCK tokens with no mask (cuDNN on a GPU: ~540 TFLOP/s on an H200
-# against ~265 for flash attention's lower-right causal kernel, and a shape that changes once per block,
-# so cuDNN builds a new plan (~35 ms) once per block rather than per chunk), and the rest (the last
-# partial block and the chunk itself) with the lower-right causal mask (flash attention).
-PREFIX_BLOCK = 8192
-SPLIT_MIN_QUERIES = 512  # a 448x448 chunk (512 tokens) gains 4% (H200, graphs on); questions (<= 256) would only pay plans
+# A chunk appended to a long cache attends to the cache in two parts, merged by log-sum-exp: the
+# cache's prefix in whole blocks of PREFIX_BLOCK tokens with no mask (cuDNN on a GPU, ~540-610 TFLOP/s
+# on an H200 against ~265 for flash attention's lower-right causal kernel), and the rest (the last
+# partial block and the chunk itself) with the lower-right causal mask (flash attention). The prefix's
+# shape changes once per block, so cuDNN needs a new plan (~35 ms of host time) once per block, not per
+# chunk, and `warm_split_plans` builds them all at load.
+PREFIX_BLOCK = 4096  # 8192 -> 4096: a shorter causal tail for the slower kernel, one more plan per 4k tokens
+SPLIT_MIN_QUERIES = 512  # 448x448 chunks (512 tokens) gain (H200); questions (<= 256 tokens) would only pay plans
 SPLIT_ON_CPU = False  # tests turn the split on for the CPU, where it runs in plain torch
 
 
