@@ -261,6 +261,12 @@ def processor_prompt_ids(processor, text: str, videos: list[np.ndarray], fps: fl
     )
 
 
+# CUDA graphs are captured in "thread_local" mode: the stream's frame thread pins host memory while the
+# engine captures, and the pinned-memory allocator's event queries from that thread would invalidate a
+# capture in the default "global" mode (seen on an H200: the decode graph's capture failed at 720p).
+CAPTURE_MODE = "thread_local"
+
+
 # --- forward passes -----------------------------------------------------------------------------
 
 
@@ -343,7 +349,7 @@ class VisionGraph:
                 self.forward()  # warm-up (Triton compiles, cuBLAS picks kernels) off the capture
             torch.cuda.current_stream().wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
                 self.out = self.forward()
         self.graph.replay()
         return self.out.clone()  # the next replay overwrites `out`
@@ -904,7 +910,7 @@ class StaticDecoder:
             for buf, val in zip((self.token, self.pos, self.length, self.mask), saved):
                 buf.copy_(val)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
                 self.step()
             for buf, val in zip((self.token, self.pos, self.length, self.mask), saved):
                 buf.copy_(val)  # capture ran the step's kernels once more; undo, then replay for real
@@ -1024,7 +1030,7 @@ class QuestionPrefill:
         graphs = []
         for i in range(self.segments):
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
+            with torch.cuda.graph(g, pool=pool, capture_error_mode=CAPTURE_MODE):
                 self._segment(i)
             graphs.append(g)
         self.graphs, self._graph_key = graphs, self._key()
