@@ -443,7 +443,8 @@ def _split_applies(query, prefix: int) -> bool:
     return SPLIT_ON_CPU
 
 
-KEY_PARTS = 2  # the unmasked prefix's keys go in this many parts, folded into the batch
+KEY_PARTS = 2  # the unmasked prefix's keys go in this many parts, folded into the batch ...
+KEY_PARTS_MAX_QUERIES = 1024  # ... for chunks of at most this many tokens (720p's 2392 ran slower at some lengths)
 
 
 def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -451,11 +452,13 @@ def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torc
 
     Without a mask the keys are cut into KEY_PARTS parts, laid side by side in the batch (views, no
     copies) and the parts merged by log-sum-exp: twice the thread blocks for cuDNN, which for a
-    512-token chunk has too few rows to fill the GPU (H200: 344 -> 540-590 TFLOP/s at 49-98k keys;
-    2392-token chunks 546 -> 603-614, `scripts/attn_probe.py --part splitk`).
+    512-token chunk has too few rows to fill the GPU (H200: 344 -> 540-590 TFLOP/s at 49-98k keys,
+    `scripts/attn_probe.py --part splitk`). Longer chunks fill it already: for 2392-token chunks the
+    probe gained 11%, but in the stream cuDNN's plans for some part lengths ran slower (24.1 against
+    25.9 frames/s at 720p), so they go in one part.
     """
     s = k.shape[2]
-    if causal or KEY_PARTS < 2 or s % KEY_PARTS or not (q.is_cuda or SPLIT_ON_CPU):
+    if causal or KEY_PARTS < 2 or s % KEY_PARTS or q.shape[2] > KEY_PARTS_MAX_QUERIES or not (q.is_cuda or SPLIT_ON_CPU):
         return _attend_lse_one(q, k, v, causal, scale)
     b, h, n, d = q.shape
     hk, p = k.shape[1], KEY_PARTS
