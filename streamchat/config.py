@@ -20,7 +20,7 @@ class SessionConfig:
     history: str = "drop"  # drop: each answer is rolled back; keep: answers stay as dialogue
     max_new_tokens: int = 64  # enough for a sentence or two
     system_prompt: str = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
-    stream_attention: bool = True  # lower-right causal SDPA without a mask (hf.py); False = stock sdpa
+    stream_attention: bool = True  # lower-right causal SDPA without a mask (streamchat/hf/attention.py); False = stock sdpa
     static_decode: bool = True  # decode steps on fixed-shape buffers, one CUDA graph per step on a GPU
 
     def validate(self) -> "SessionConfig":

@@ -15,9 +15,9 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs a CUDA GP
 def test_rotary_vision_matches_the_stock_float32_arithmetic(tokens, heads, dim):
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-    from streamchat import hf
+    from streamchat.hf import rewrites
 
-    stock = hf._STOCK_VISION_ROTARY[0] if hf._STOCK_VISION_ROTARY else apply_rotary_pos_emb_vision
+    stock = rewrites._STOCK_VISION_ROTARY[0] if rewrites._STOCK_VISION_ROTARY else apply_rotary_pos_emb_vision
     g = torch.Generator(device="cuda").manual_seed(tokens)
     # q and k as the vision attention makes them: strided views into one qkv tensor
     qkv = torch.randn(tokens, 3, heads, dim, device="cuda", generator=g).to(torch.bfloat16)

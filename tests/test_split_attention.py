@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from streamchat import hf
+from streamchat.hf import attention, graphs
 from streamchat.compare import run_compare
 from streamchat.config import SessionConfig
 from streamchat.video import Sampling, VideoSource
@@ -26,7 +27,7 @@ def _qkv(n: int, s: int, seed: int, h: int = 4, hk: int = 2, d: int = 16):
 @pytest.mark.parametrize("n,s", [(1, 9), (7, 23), (12, 12)])
 def test_attend_lse_is_sdpa_with_its_log_sum_exp(causal, n, s):
     q, k, v = _qkv(n, s, seed=n * 100 + s)
-    out, lse = hf._attend_lse(q, k, v, causal, 0.25)
+    out, lse = attention._attend_lse(q, k, v, causal, 0.25)
     mask = causal_lower_right(n, s) if causal else None
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
     assert torch.allclose(out, ref, atol=1e-6)
@@ -42,35 +43,35 @@ def test_attend_lse_is_sdpa_with_its_log_sum_exp(causal, n, s):
 def test_split_attention_is_one_lower_right_call(prefix):
     n, s = 12, 52  # 40 cached tokens + 12 new ones
     q, k, v = _qkv(n, s, seed=prefix)
-    out = hf._split_attention(q, k, v, prefix, 0.25)  # [1, n, H, D]
+    out = attention._split_attention(q, k, v, prefix, 0.25)  # [1, n, H, D]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, s), scale=0.25, enable_gqa=True)
     assert out.shape == (1, n, 4, 16)
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
 
 
 def test_split_applies_only_to_long_appends_on_a_long_cache(monkeypatch):
-    monkeypatch.setattr(hf, "SPLIT_ON_CPU", True)
-    q = torch.zeros(1, 4, hf.SPLIT_MIN_QUERIES, 16)
-    assert hf._split_applies(q, hf.PREFIX_BLOCK)
-    assert not hf._split_applies(q, 0)  # the cache is shorter than one block
-    assert not hf._split_applies(q[:, :, :1], hf.PREFIX_BLOCK)  # a decode step or a short question
-    monkeypatch.setattr(hf, "SPLIT_ON_CPU", False)
-    assert not hf._split_applies(q, hf.PREFIX_BLOCK)
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
+    q = torch.zeros(1, 4, attention.SPLIT_MIN_QUERIES, 16)
+    assert attention._split_applies(q, attention.PREFIX_BLOCK)
+    assert not attention._split_applies(q, 0)  # the cache is shorter than one block
+    assert not attention._split_applies(q[:, :, :1], attention.PREFIX_BLOCK)  # a decode step or a short question
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", False)
+    assert not attention._split_applies(q, attention.PREFIX_BLOCK)
 
 
 def test_streaming_with_split_attention_matches_offline(tiny, clip_24fps, monkeypatch):
     """Blocks of 32 tokens and appends of 16+ tokens: every chunk after the first and the question split."""
     calls = []
-    real = hf._split_attention
+    real = attention._split_attention
 
     def counted(query, key, value, prefix, scale):
         calls.append((query.shape[2], key.shape[2], prefix))
         return real(query, key, value, prefix, scale)
 
-    monkeypatch.setattr(hf, "PREFIX_BLOCK", 32)
-    monkeypatch.setattr(hf, "SPLIT_MIN_QUERIES", 16)
-    monkeypatch.setattr(hf, "SPLIT_ON_CPU", True)
-    monkeypatch.setattr(hf, "_split_attention", counted)
+    monkeypatch.setattr(attention, "PREFIX_BLOCK", 32)
+    monkeypatch.setattr(attention, "SPLIT_MIN_QUERIES", 16)
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
+    monkeypatch.setattr(attention, "_split_attention", counted)
     config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
     report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
     assert report["match"]["identical"] is True
@@ -164,7 +165,7 @@ def test_chunk_appends_through_the_layer_segments_match_offline(tiny, clip_24fps
         runs.append((self.chunk, n_real))
         return real(self, ids, positions, n_real)
 
-    monkeypatch.setattr(hf, "SEGMENTS_ON_CPU", True)
+    monkeypatch.setattr(graphs, "SEGMENTS_ON_CPU", True)
     monkeypatch.setattr(hf.QuestionPrefill, "run", counted)
     config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
     report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
@@ -176,11 +177,11 @@ def test_chunk_appends_through_the_layer_segments_match_offline(tiny, clip_24fps
 
 @pytest.mark.parametrize("parts", [2, 4])
 def test_prefix_keys_in_parts_merge_to_one_call(parts, monkeypatch):
-    monkeypatch.setattr(hf, "SPLIT_ON_CPU", True)
-    monkeypatch.setattr(hf, "KEY_PARTS", parts)
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
+    monkeypatch.setattr(attention, "KEY_PARTS", parts)
     q, k, v = _qkv(9, 24, seed=parts)
-    out, lse = hf._attend_lse(q, k, v, False, 0.25)
-    ref_out, ref_lse = hf._attend_lse_one(q, k, v, False, 0.25)
+    out, lse = attention._attend_lse(q, k, v, False, 0.25)
+    ref_out, ref_lse = attention._attend_lse_one(q, k, v, False, 0.25)
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-5)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True), atol=1e-6)
