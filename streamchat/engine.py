@@ -392,13 +392,16 @@ class StreamEngine:
     @torch.inference_mode()
     def plan_cache(self, total_frames: int, height: int, width: int) -> None:
         """Size the cache for a whole video of `total_frames` frames of height x width (resized) before
-        the first chunk, and on a GPU capture the question graphs on it: buffers that never move keep
-        the graphs and cuDNN's plans valid, and the capture is paid at load, not in the first chunk."""
+        the first chunk (at most the model's context), and on a GPU prepare everything tied to its
+        buffers: the question and chunk graphs, cuDNN's plans for every prefix block, the vision
+        tower's graph. Buffers that never move keep all of it valid, and it is paid at load (about
+        1 s for the 3B model, H200), not in the first chunks."""
         self.planned_frames = total_frames
         vc = hf.vision_config(self.model)
         unit = vc.patch_size * vc.spatial_merge_size
         per_pair = (height // unit) * (width // unit)
         tokens = len(self.pending) + -(-total_frames // 2) * per_pair + self.config.max_new_tokens + RESERVE_MARGIN
+        tokens = min(tokens, self.max_context + RESERVE_MARGIN)
         hf.allocate_cache(self.model, self.cache, tokens)
         if self.loaded.device.type == "cuda":
             self.capture_question_graphs()
