@@ -293,7 +293,8 @@ class StreamEngine:
             # plans valid, and the peak is what the finished cache needs anyway
             pairs_left = -(-max(self.planned_frames - (first + n_real), 0) // 2)
             before = hf.cache_capacity(self.cache)
-            hf.reserve_cache(self.cache, self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN)
+            need = self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN
+            hf.reserve_cache(self.cache, min(need, self.max_context + RESERVE_MARGIN))
             if dev.type == "cuda" and hf.cache_capacity(self.cache) != before:
                 self.capture_question_graphs()
         sync(dev)
