@@ -539,6 +539,9 @@ def text_table(r: dict) -> str:
     else:
         out.append(f"  tokens identical: {'yes' if ag['identical'] else 'no'}, first divergence {_f(ag['first_divergence'], 'd')}, "
                    f"max first-step logit diff {_f(ag['max_logit_diff'], '.3g')}")
+        if ag.get("margin_at_divergence") is not None:
+            out.append(f"  where they part, offline's top two logits were {ag['margin_at_divergence']:.3g} apart "
+                       "(a gap under the logit differences above is a rounding call, not a different computation)")
     out += [
         "",
         f"Floors (measured now: {ra['matmul_n']}³ matmul {ra['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s, "

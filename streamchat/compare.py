@@ -16,16 +16,18 @@ from .video import VideoSource
 
 
 def match(a: Answer, b: Answer | None) -> dict:
-    """identical token ids?, index of the first differing token, max |Δ| of the first step's logits."""
+    """identical token ids?, index of the first differing token, max |Δ| of the first step's logits, and
+    (b offline) b's top-1 minus top-2 logit where they part: a near-tie there is a rounding call."""
     if b is None:
-        return {"identical": False, "first_divergence": 0, "max_logit_diff": None}
+        return {"identical": False, "first_divergence": 0, "max_logit_diff": None, "margin_at_divergence": None}
     first = next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
     if first is None and len(a.token_ids) != len(b.token_ids):
         first = min(len(a.token_ids), len(b.token_ids))
     diff = None
     if a.first_logits is not None and b.first_logits is not None:
         diff = float((a.first_logits.float() - b.first_logits.float()).abs().max())
-    return {"identical": first is None, "first_divergence": first, "max_logit_diff": diff}
+    margin = b.margins[first] if first is not None and first < len(b.margins) else None
+    return {"identical": first is None, "first_divergence": first, "max_logit_diff": diff, "margin_at_divergence": margin}
 
 
 def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, question: str, at: float | None = None,

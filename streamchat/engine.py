@@ -84,6 +84,7 @@ class Answer:
     first_logits: torch.Tensor | None = field(default=None, repr=False)
     prompt: list[Segment] = field(default_factory=list, repr=False)  # exactly what this turn saw
     prefill_s: float | None = None  # offline only
+    margins: list[float] = field(default_factory=list, repr=False)  # offline only: top-1 minus top-2 logit per token
 
     @property
     def new_tokens(self) -> int:
@@ -164,14 +165,21 @@ def greedy_decode(
     eos: set[int],
     on_token: Callable[[int], None] | None = None,
     decoder: "hf.StaticDecoder | None" = None,
+    margins: list[float] | None = None,
 ) -> tuple[list[int], list[float]]:
     """Greedy generation from `logits`; every token but the last is appended to `cache` at `cursor`.
 
     With a `decoder` (hf.StaticDecoder) the steps run as one CUDA graph each on a GPU. Returns the
-    tokens and the host time each one was ready (after a device sync), for TTFT and latency.
+    tokens and the host time each one was ready (after a device sync), for TTFT and latency. Without a
+    decoder, `margins` (if given) receives each step's top-1 minus top-2 logit: how close a call it was.
     """
     out: list[int] = []
     stamps: list[float] = []
+
+    def margin(step_logits: torch.Tensor) -> None:
+        if margins is not None:
+            top = torch.topk(step_logits.float(), 2).values
+            margins.append(float(top[0] - top[1]))
 
     def emit(token: int) -> bool:
         stamps.append(now())
@@ -180,6 +188,7 @@ def greedy_decode(
             on_token(token)
         return token in eos or len(out) >= max_new_tokens
 
+    margin(logits)
     if emit(int(torch.argmax(logits))):  # int() waits for the device
         return out, stamps
     if decoder is not None:
@@ -197,7 +206,9 @@ def greedy_decode(
     while True:
         embeds = hf.embed_tokens(model, torch.tensor([out[-1]], device=model.device))
         hidden = hf.lm_forward(model, embeds, cursor.text(1), cache)
-        if emit(int(torch.argmax(hf.lm_head(model, hidden)))):
+        step_logits = hf.lm_head(model, hidden)
+        margin(step_logits)
+        if emit(int(torch.argmax(step_logits))):
             return out, stamps
 
 
@@ -296,7 +307,7 @@ class StreamEngine:
             need = self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN
             hf.reserve_cache(self.cache, min(need, self.max_context + RESERVE_MARGIN))
             if dev.type == "cuda" and hf.cache_capacity(self.cache) != before:
-                self.capture_question_graphs()
+                self._prepare_buffers(video.shape[0])  # new buffers (a restored snapshot, say)
         sync(dev)
         encode_s = now() - t0
         if marks:
@@ -405,25 +416,25 @@ class StreamEngine:
         tokens = min(tokens, self.max_context + RESERVE_MARGIN)
         hf.allocate_cache(self.model, self.cache, tokens)
         if self.loaded.device.type == "cuda":
-            self.capture_question_graphs()
-            chunk_tokens = self.config.chunk_frames // 2 * per_pair
-            hf.warm_split_plans(self.model, self.cache, chunk_tokens, tokens)
-            appender = hf.chunk_append(self.model, self.cache, chunk_tokens)
-            if appender is not None:
-                appender.capture(self.cache_tokens)
+            self._prepare_buffers(self.config.chunk_frames // 2 * per_pair)
             patch = vc.patch_size
             grid = torch.tensor([[self.config.chunk_frames // vc.temporal_patch_size, height // patch, width // patch]])
             pixels = (int(grid.prod()), vc.in_channels * vc.temporal_patch_size * patch * patch)
             hf.vision_graph(self.model, grid, pixels).run()  # captured now, replayed per chunk
 
     @torch.inference_mode()  # no autograd graph may hold the capture's activations
-    def capture_question_graphs(self) -> None:
-        """Capture the question prefill graphs for the common lengths on the current cache buffers, so a
-        first question pays no capture (longer ones are captured on first use)."""
+    def _prepare_buffers(self, chunk_tokens: int) -> None:
+        """Everything tied to the cache's buffers, done now for chunks of `chunk_tokens` tokens: the
+        question graphs for the common lengths (longer ones are captured on first use), the chunk
+        graphs, and cuDNN's plans for every prefix block up to the buffers' capacity."""
         for bucket in range(QUESTION_BUCKET, CAPTURED_QUESTION_TOKENS + 1, QUESTION_BUCKET):
             graphs = hf.question_prefill(self.model, self.cache, bucket)
             if graphs is not None:
                 graphs.capture(self.cache_tokens)
+        appender = hf.chunk_append(self.model, self.cache, chunk_tokens)
+        if appender is not None:
+            appender.capture(self.cache_tokens)
+        hf.warm_split_plans(self.model, self.cache, chunk_tokens, hf.cache_capacity(self.cache))
 
     def _prefill(self, feed: list[int]) -> torch.Tensor:
         """Append a question's tokens to the cache and return the next token's logits.

@@ -101,7 +101,8 @@ def answer_offline(
     sync(dev)
     prefill_s = now() - t0
     first_logits = logits.detach().cpu()
-    gen, stamps = greedy_decode(model, cache, cursor, logits, max_new_tokens, vocab.eos, on_token)
+    margins: list[float] = []
+    gen, stamps = greedy_decode(model, cache, cursor, logits, max_new_tokens, vocab.eos, on_token, margins=margins)
     frames_seen = max((max(s.frames) + 1 for s in prompt if isinstance(s, VideoSeg)), default=0)
     answer = Answer(
         question=question,
@@ -115,6 +116,7 @@ def answer_offline(
         first_logits=first_logits,
         prompt=prompt,
         prefill_s=prefill_s,
+        margins=margins,
     )
     del cache
     return answer

@@ -177,3 +177,22 @@ def test_interrupted_answer_leaves_the_stream_as_before(tiny, clip_24fps, histor
     a.encode_until(16)
     b.encode_until(16)
     assert a.engine.ask("Where?").token_ids == b.engine.ask("Where?").token_ids
+
+
+def test_offline_answer_records_how_close_each_greedy_call_was(tiny, clip_24fps):
+    """The offline path keeps each step's top-1 minus top-2 logit; `match` reports it where two answers
+    part (how bf16 runs on a GPU tell a rounding call from a different computation)."""
+    import dataclasses
+
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=8.0), chunk_frames=4, max_new_tokens=8)
+    stream = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+    stream.encode_until(8)
+    ans = stream.engine.ask("What is moving?")
+    off = answer_offline(tiny, ans.prompt, stream.read_frames, stream.fps, ans.question, 8, stream.engine.vocab)
+    assert len(off.margins) == len(off.token_ids) and all(m >= 0 for m in off.margins)
+    top = torch.topk(off.first_logits, 2).values
+    assert off.margins[0] == pytest.approx(float(top[0] - top[1]), abs=1e-6)
+    assert match(ans, off)["margin_at_divergence"] is None  # identical answers
+    other = dataclasses.replace(ans, token_ids=ans.token_ids[:2] + [ans.token_ids[2] + 1] + ans.token_ids[3:])
+    m = match(other, off)
+    assert m["first_divergence"] == 2 and m["margin_at_divergence"] == off.margins[2]
