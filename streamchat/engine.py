@@ -150,9 +150,8 @@ class Vocab:
         return self.tok.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
 
 
-WARM_QUESTION_TOKENS = 128  # warm-up covers question prefills up to this many tokens
 RESERVE_MARGIN = 256  # cache room kept beyond the planned video for a question and its answer
-CAPTURED_QUESTION_TOKENS = 64  # question graphs captured when the cache is sized (longer: on first use)
+CAPTURED_QUESTION_TOKENS = 128  # question graphs captured when the cache is sized (longer: on first use)
 QUESTION_BUCKET = 16  # question prefills are padded to a multiple of this many tokens (see StreamEngine._prefill)
 
 
@@ -232,7 +231,7 @@ class StreamEngine:
 
     # --- state --------------------------------------------------------------------------------
 
-    planned_frames: int | None = None  # frames the stream will encode in all (set by Stream): sizes the cache
+    planned_frames: int | None = None  # frames the stream will encode in all (plan_cache): sizes the cache
 
     def reset(self) -> None:
         self.cache = hf.new_cache(self.model)
@@ -305,7 +304,7 @@ class StreamEngine:
             pairs_left = -(-max(self.planned_frames - (first + n_real), 0) // 2)
             before = hf.cache_capacity(self.cache)
             need = self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN
-            hf.reserve_cache(self.cache, min(need, self.max_context + RESERVE_MARGIN))
+            hf.allocate_cache(self.model, self.cache, min(need, self.max_context + RESERVE_MARGIN))
             if dev.type == "cuda" and hf.cache_capacity(self.cache) != before:
                 self._prepare_buffers(video.shape[0])  # new buffers (a restored snapshot, say)
         sync(dev)
@@ -362,13 +361,6 @@ class StreamEngine:
                 frames = np.zeros((2, 56, 56, 3), dtype=np.uint8)
             self.encode(frames[:2], 0)
             self.ask("warm up", max_new_tokens=3)
-            with torch.inference_mode():
-                for bucket in range(2 * QUESTION_BUCKET, WARM_QUESTION_TOKENS + 1, QUESTION_BUCKET):
-                    # longer questions' shapes too (their kernel choices), eagerly on the throwaway cache
-                    ids = torch.full((bucket,), self.vocab.im_end, device=self.loaded.device)
-                    hf.text_prefill(self.model, self.cache, ids, text_positions(self.cursor.next_pos, bucket), bucket - 1)
-                    hf.cache_drop_tail(self.cache, bucket)
-            hf.warm_split_attention(self.model)
         finally:
             self.config.history, self.planned_frames = history, planned
             (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
@@ -441,24 +433,20 @@ class StreamEngine:
 
         With streamchat's attention the tokens are padded to a multiple of QUESTION_BUCKET and the pad
         is cut from the cache straight after: the pad comes after the real tokens, so causal attention
-        keeps it out of their results, and a GPU meets a handful of shapes (warmed at load) instead of
-        a new one per question length (9-13 ms of kernel selection the first time, H200).
+        keeps it out of their results, and a GPU meets a handful of shapes (graphs captured at load)
+        instead of a new one per question length (9-13 ms of kernel selection the first time, H200).
         """
         dev = self.loaded.device
         n = len(feed)
         positions = self.cursor.text(n)
-        if not self.config.stream_attention:  # the stock transformers forward, for comparisons
+        pad = -n % QUESTION_BUCKET
+        prefill = hf.question_prefill(self.model, self.cache, n + pad) if self.config.stream_attention else None
+        if prefill is None:  # stock attention (for comparisons), the stock cache, a model over several devices
             embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
             return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache))
-        pad = -n % QUESTION_BUCKET
         ids = torch.tensor(feed + [self.vocab.im_end] * pad)
         positions = torch.cat([positions, text_positions(self.cursor.next_pos, pad)], dim=1)
-        graphs = hf.question_prefill(self.model, self.cache, n + pad)
-        if graphs is not None:
-            return graphs.run(ids, positions, n)
-        hidden = hf.text_prefill(self.model, self.cache, ids.to(dev), positions, last=n - 1)
-        hf.cache_drop_tail(self.cache, pad)
-        return hf.lm_head(self.model, hidden)
+        return prefill.run(ids, positions, n)
 
     @torch.inference_mode()
     def ask(self, question: str, on_token: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> Answer:

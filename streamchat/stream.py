@@ -31,10 +31,7 @@ class Stream:
             # pay CUDA's one-time setup now, not on the first chunk or the first question
             h, w = source.info.resized_height, source.info.resized_width
             self.engine.warmup(np.zeros((2, h, w, 3), dtype=np.uint8))
-        if loaded.device.type == "cuda":
-            self.engine.plan_cache(self.total_frames, source.info.resized_height, source.info.resized_width)
-        else:
-            self.engine.planned_frames = self.total_frames
+        self.engine.plan_cache(self.total_frames, source.info.resized_height, source.info.resized_width)
         self.next_frame = 0  # plan position of the next frame to encode
         self._cache: dict[int, np.ndarray] = {}
 

@@ -59,15 +59,16 @@ def test_static_decoder_matches_eager_decode(tiny, clip_24fps):
 
 
 def test_cache_planned_for_the_whole_video_never_moves_and_matches_offline(tiny, clip_24fps):
-    """plan_cache sizes the buffers once (the GPU's graphs and cuDNN plans are tied to them): streaming the
-    whole clip and answering stays inside them, with the same answer as the offline path."""
+    """Stream sizes the buffers once, at construction (StreamEngine.plan_cache; the GPU's graphs and cuDNN
+    plans are tied to them): streaming the whole clip and answering stays inside them, with the same
+    answer as the offline path."""
     from streamchat.compare import match
     from streamchat.offline import answer_offline
 
     config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=8)
     source = VideoSource(clip_24fps, config.sampling)
     stream = Stream(tiny, source, config)
-    stream.engine.plan_cache(stream.total_frames, source.info.resized_height, source.info.resized_width)
+    assert stream.engine.planned_frames == stream.total_frames == 31
     layer = stream.engine.cache.layers[0]
     capacity, address = hf.cache_capacity(stream.engine.cache), layer._k.data_ptr()
     assert capacity >= 16 * 16  # 16 frame pairs of 16 merged tokens (112 px)

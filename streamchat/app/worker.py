@@ -341,15 +341,7 @@ class EngineWorker:
             self.post(m.AnswerFailed(turn, error_line(exc)))
         else:
             self.last = (ans, live.last_turn_id)
-            figures = {
-                "ttft_ms": ans.ttft_s * 1000,
-                "latency_ms": ans.latency_s * 1000,
-                "tokens_per_s": ans.tokens_per_s,
-                "new_tokens": ans.new_tokens,
-                "cache_tokens": ans.cache_tokens,
-                "frames": ans.frames_seen,
-                "at_s": live.position_s,
-            }
+            figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s}
             self.post(m.AnswerDone(turn, ans.text, figures))
         finally:
             self._set_state()

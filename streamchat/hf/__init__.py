@@ -18,7 +18,6 @@ from .attention import (
     STREAM_ATTENTION,
     WINDOW_ATTENTION,
     use_stream_attention,
-    warm_split_attention,
     warm_split_plans,
 )
 from .cache import (
@@ -31,9 +30,8 @@ from .cache import (
     cache_layers,
     cache_len,
     new_cache,
-    reserve_cache,
 )
-from .forward import embed_tokens, embed_video, full_forward, lm_forward, lm_head, text_prefill
+from .forward import embed_tokens, embed_video, full_forward, lm_forward, lm_head
 from .graphs import (
     QuestionPrefill,
     StaticDecoder,
@@ -68,8 +66,8 @@ __all__ = [
     "cache_drop_tail", "cache_from_layers", "cache_layers", "cache_len", "chunk_append", "default_processor",
     "embed_tokens", "embed_video", "full_forward", "fuse_projections", "fuse_rms_norms", "language_model",
     "lm_forward", "lm_head", "load_pretrained", "new_cache", "new_model", "pad_vision_mlp",
-    "processor_prompt_ids", "question_prefill", "quiet", "qwen25vl_config", "reserve_cache", "speed_up",
-    "static_decoder", "text_config", "text_prefill", "tokenizer_from_dir", "transformers_version",
+    "processor_prompt_ids", "question_prefill", "quiet", "qwen25vl_config", "speed_up",
+    "static_decoder", "text_config", "tokenizer_from_dir", "transformers_version",
     "use_fast_vision_rotary", "use_stream_attention", "video_pixels", "vision_config", "vision_graph",
-    "vision_tower", "warm_split_attention", "warm_split_plans",
+    "vision_tower", "warm_split_plans",
 ]

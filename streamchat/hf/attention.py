@@ -94,18 +94,6 @@ def _split_attention(query, key, value, prefix: int, scale: float) -> torch.Tens
     return out.to(query.dtype).transpose(1, 2).contiguous()
 
 
-def warm_split_attention(model) -> None:
-    """Run the split's kernels once on small tensors: cuDNN's first call loads its engines (~0.6 s)."""
-    dev = model.device
-    if dev.type != "cuda" or model.dtype not in (torch.bfloat16, torch.float16):
-        return
-    cfg = model.config.text_config
-    d = cfg.hidden_size // cfg.num_attention_heads
-    q = torch.randn(1, cfg.num_attention_heads, SPLIT_MIN_QUERIES, d, device=dev, dtype=model.dtype)
-    kv = torch.randn(1, cfg.num_key_value_heads, PREFIX_BLOCK + SPLIT_MIN_QUERIES, d, device=dev, dtype=model.dtype)
-    _split_attention(q, kv, kv, PREFIX_BLOCK, d**-0.5)
-
-
 def warm_split_plans(model, cache, queries: int, tokens: int) -> int:
     """Build cuDNN's plans now for every prefix length that appends of `queries` tokens will meet on
     `cache` up to `tokens` cached tokens (one per PREFIX_BLOCK, ~35 ms of host time each, H200), so the

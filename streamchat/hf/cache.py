@@ -87,16 +87,10 @@ def new_cache(model, growing: bool = True):
     return cache
 
 
-def reserve_cache(cache, tokens: int) -> None:
-    """Give every growing layer room for `tokens` now, so the buffers are not reallocated later (the
-    decode graph and cuDNN's plans are tied to buffer addresses and strides). No-op for other caches."""
-    for layer in cache.layers:
-        if hasattr(layer, "_reserve") and layer.is_initialized:
-            layer._reserve(tokens, layer._k, layer._v, spare=False)
-
-
 def allocate_cache(model, cache, tokens: int) -> None:
-    """Allocate room for `tokens` in every growing layer of an empty or partly filled cache."""
+    """Room for `tokens` in every growing layer of an empty or partly filled cache, now and with no
+    spare (the decode graph and cuDNN's plans are tied to buffer addresses and strides: buffers sized
+    once never move). No-op for other caches and where the room is already there."""
     cfg = model.config.text_config
     dh = cfg.hidden_size // cfg.num_attention_heads
     dtype = model.model.language_model.embed_tokens.weight.dtype
@@ -126,8 +120,9 @@ def cache_from_layers(model, layers: list[tuple[torch.Tensor, torch.Tensor]]):
 
 
 def cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per-layer (keys, values), each [B, H_kv, S, D]; empty layers are skipped."""
-    return [(layer.keys, layer.values) for layer in cache.layers if getattr(layer, "keys", None) is not None]
+    """Per-layer (keys, values), each [B, H_kv, S, D]; empty layers (none yet, or sized but unfilled) are skipped."""
+    return [(layer.keys, layer.values) for layer in cache.layers
+            if getattr(layer, "keys", None) is not None and layer.keys.numel() > 0]
 
 
 def cache_len(cache) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 
-from .attention import STREAM_ATTENTION, _stream_sdpa
+from .attention import STREAM_ATTENTION
 from .graphs import vision_graph
 
 
@@ -38,35 +38,6 @@ def lm_forward(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -
         use_cache=True,
     )
     return out.last_hidden_state[:, -1]
-
-
-def text_prefill(model, cache, ids: torch.Tensor, position_ids: torch.Tensor, last: int) -> torch.Tensor:
-    """Append text tokens `ids` [T] at `position_ids` [3, T] to `cache`; return the hidden state of token
-    `last` after the final norm [1, D].
-
-    The same layers and arithmetic as `lm_forward` with streamchat's attention, in a lean loop: the
-    stock text model spends ~0.6 ms of Python per layer on a question (mask building, kwargs,
-    output classes), ~22 ms for the 3B model's 36 layers against a GPU time of 3-11 ms (H200).
-    """
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-    lm = model.model.language_model
-    hidden = lm.embed_tokens(ids.view(1, -1))  # [1, T, D]
-    t = hidden.shape[1]
-    cos, sin = lm.rotary_emb(hidden, position_ids.view(3, 1, -1).to(hidden.device))
-    for i, layer in enumerate(lm.layers):
-        attn = layer.self_attn
-        residual = hidden
-        x = layer.input_layernorm(hidden)
-        q = attn.q_proj(x).view(1, t, -1, attn.head_dim).transpose(1, 2)  # [1, H, T, Dh]
-        k = attn.k_proj(x).view(1, t, -1, attn.head_dim).transpose(1, 2)  # [1, H_kv, T, Dh]
-        v = attn.v_proj(x).view(1, t, -1, attn.head_dim).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        k, v = cache.update(k, v, i)
-        out, _ = _stream_sdpa(attn, q, k, v, None, scaling=attn.scaling)  # [1, T, H, Dh]
-        hidden = residual + attn.o_proj(out.reshape(1, t, -1))
-        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
-    return lm.norm(hidden[:, last])
 
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:

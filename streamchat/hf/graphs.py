@@ -16,6 +16,47 @@ from .rewrites import _mlp, _qkv
 CAPTURE_MODE = "thread_local"
 
 
+def _buffers_key(cache) -> tuple:
+    """What a graph over `cache` is tied to: each layer's buffer address and capacity."""
+    return tuple((layer._k.data_ptr(), layer._k.shape[-2]) for layer in cache.layers)
+
+
+def _warm_on_side_stream(fn) -> None:
+    """Run `fn` once on a side stream, as CUDA graph capture requires before capturing it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
+
+    return rotate_half(x)
+
+
+def _layer_first_half(layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A decoder layer up to attention, for hidden [1, T, D]: q [1, H, T, Dh], k and v [1, H_kv, T, Dh],
+    with the rotary embedding applied to q and k in one pass (the stock pair of calls is 10 small
+    kernels, 5 here; the arithmetic per element is the same)."""
+    attn = layer.self_attn
+    t = hidden.shape[1]
+    q, k, v = _qkv(attn, layer.input_layernorm(hidden))
+    q = q.view(1, t, -1, attn.head_dim).transpose(1, 2)
+    k = k.view(1, t, -1, attn.head_dim).transpose(1, 2)
+    v = v.view(1, t, -1, attn.head_dim).transpose(1, 2)
+    qk = torch.cat([q, k], dim=1)  # [1, H + H_kv, T, Dh]
+    qk = qk * cos.unsqueeze(1) + _rotate_half(qk) * sin.unsqueeze(1)
+    return qk[:, : q.shape[1]], qk[:, q.shape[1] :], v
+
+
+def _layer_second_half(layer, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    """A decoder layer from its attention output attn_out [1, T, H * Dh] on: o-projection, residual, MLP."""
+    hidden = hidden + layer.self_attn.o_proj(attn_out)
+    return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+
+
 def vision_graph(model, grid_thw: torch.Tensor, pixel_shape) -> "VisionGraph | None":
     """The VisionGraph for one video's grid [1, 3] (made on first use), or None off the GPU or for a
     model spread over several devices."""
@@ -73,11 +114,7 @@ class VisionGraph:
         if self.pixels.device.type != "cuda":
             return self.forward()
         if self.graph is None:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.forward()  # warm-up (Triton compiles, cuBLAS picks kernels) off the capture
-            torch.cuda.current_stream().wait_stream(side)
+            _warm_on_side_stream(self.forward)  # Triton compiles, cuBLAS picks kernels, off the capture
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_MODE):
                 self.out = self.forward()
@@ -105,9 +142,6 @@ class StaticDecoder:
     """
 
     def __init__(self, model, cache):
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
-
-        self._rotate_half = rotate_half
         self.model, self.cache = model, cache
         self.lm = model.model.language_model
         dev = model.device
@@ -120,9 +154,6 @@ class StaticDecoder:
         self.cu_k = torch.zeros(2, dtype=torch.int32, device=dev)  # ... over cu_k[1] keys (length + 1)
         self.graph = None
         self._graph_key = None
-
-    def _capacity_key(self):
-        return tuple((layer._k.data_ptr(), layer._k.shape[-2]) for layer in self.cache.layers)
 
     def prepare(self, token: int, pos: int, max_steps: int) -> None:
         """Room for `max_steps` more tokens, and the step inputs set for feeding `token` at `pos`."""
@@ -149,16 +180,7 @@ class StaticDecoder:
             self.mask.index_fill_(0, self.length, 0.0)
         for layer, kv in zip(lm.layers, self.cache.layers):
             attn = layer.self_attn
-            residual = hidden
-            x = layer.input_layernorm(hidden)
-            q, k, v = _qkv(attn, x)
-            q = q.view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, H, 1, Dh]
-            k = k.view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, H_kv, 1, Dh]
-            v = v.view(1, 1, -1, attn.head_dim).transpose(1, 2)
-            # rotary on q and k in one pass (the stock pair of calls is 10 small kernels, 5 here)
-            qk = torch.cat([q, k], dim=1)  # [1, H + H_kv, 1, Dh]
-            qk = qk * cos.unsqueeze(1) + self._rotate_half(qk) * sin.unsqueeze(1)
-            q, k = qk[:, : q.shape[1]], qk[:, q.shape[1] :]
+            q, k, v = _layer_first_half(layer, hidden, cos, sin)  # q [1, H, 1, Dh], k/v [1, H_kv, 1, Dh]
             kv._k.index_copy_(2, self.length, k)
             kv._v.index_copy_(2, self.length, v)
             if self.flash:
@@ -166,8 +188,7 @@ class StaticDecoder:
                     q[0].transpose(0, 1).contiguous(), kv._k[0].transpose(0, 1), kv._v[0].transpose(0, 1),
                     self.cu_q, self.cu_k, 1, kv._k.shape[-2], 0.0, False, False, scale=attn.scaling,
                 )[0]  # [1, H, Dh]
-                hidden = residual + attn.o_proj(out.reshape(1, 1, -1))
-                hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+                hidden = _layer_second_half(layer, hidden, out.reshape(1, 1, -1))
                 continue
             h_kv = kv._k.shape[1]
             qg = q.reshape(1, h_kv, -1, attn.head_dim)  # [1, H_kv, G, Dh]: heads grouped by their KV head
@@ -180,9 +201,7 @@ class StaticDecoder:
             p_blk = probs.view(1, h_kv, g, blocks, BLOCK_TOKENS).transpose(2, 3)  # [1, H_kv, S, G, B]
             v_blk = kv._v.view(1, h_kv, blocks, BLOCK_TOKENS, attn.head_dim)  # [1, H_kv, S, B, Dh]
             out = torch.matmul(p_blk, v_blk).float().sum(2).to(kv._v.dtype)  # [1, H_kv, G, Dh]
-            out = out.reshape(1, 1, -1)  # [1, 1, H * Dh]
-            hidden = residual + attn.o_proj(out)
-            hidden = hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
+            hidden = _layer_second_half(layer, hidden, out.reshape(1, 1, -1))  # out: [1, 1, H * Dh]
         logits = self.model.lm_head(lm.norm(hidden))[0, -1]
         self.token.copy_(torch.argmax(logits).view(1))
         self.length.add_(1)
@@ -193,14 +212,10 @@ class StaticDecoder:
         if self.token.device.type != "cuda":
             self.step()
             return
-        key = self._capacity_key()
+        key = _buffers_key(self.cache)
         if self.graph is None or key != self._graph_key:
             saved = (self.token.clone(), self.pos.clone(), self.length.clone(), self.mask.clone())
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.step()  # warm-up on a side stream, as CUDA graph capture requires
-            torch.cuda.current_stream().wait_stream(stream)
+            _warm_on_side_stream(self.step)
             for buf, val in zip((self.token, self.pos, self.length, self.mask), saved):
                 buf.copy_(val)
             self.graph = torch.cuda.CUDAGraph()
@@ -252,13 +267,10 @@ class QuestionPrefill:
         self.cos = self.sin = None
         self.graphs: list | None = None
         self._graph_key = None
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb
-
-        self._rope = apply_rotary_pos_emb
 
     def _segment(self, i: int) -> None:
         """Layer i-1's second half (i > 0) and layer i's first half (i < layers); the head at the end."""
-        lm, t = self.lm, self.t
+        lm = self.lm
         if i == 0:
             if not self.chunk:
                 self.hidden.copy_(lm.embed_tokens(self.ids.view(1, -1)))
@@ -268,18 +280,10 @@ class QuestionPrefill:
             self.cos.copy_(cos)
             self.sin.copy_(sin)
         else:
-            layer = lm.layers[i - 1]
-            hidden = self.hidden + layer.self_attn.o_proj(self.attn_out)
-            self.hidden.copy_(hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden)))
+            self.hidden.copy_(_layer_second_half(lm.layers[i - 1], self.hidden, self.attn_out))
         if i < len(lm.layers):
-            layer, kv = lm.layers[i], self.cache.layers[i]
-            attn = layer.self_attn
-            x = layer.input_layernorm(self.hidden)
-            q, k, v = _qkv(attn, x)
-            q = q.view(1, t, -1, self.dh).transpose(1, 2)  # [1, H, T, Dh]
-            k = k.view(1, t, -1, self.dh).transpose(1, 2)  # [1, H_kv, T, Dh]
-            v = v.view(1, t, -1, self.dh).transpose(1, 2)
-            q, k = self._rope(q, k, self.cos, self.sin)
+            kv = self.cache.layers[i]
+            q, k, v = _layer_first_half(lm.layers[i], self.hidden, self.cos, self.sin)
             kv._k.index_copy_(2, self.slot, k)
             kv._v.index_copy_(2, self.slot, v)
             self.q.copy_(q)
@@ -305,9 +309,6 @@ class QuestionPrefill:
             if i < layers:
                 self._attend(i, n)
 
-    def _key(self):
-        return tuple((layer._k.data_ptr(), layer._k.shape[-2]) for layer in self.cache.layers)
-
     @torch.inference_mode()
     def capture(self, n: int) -> None:
         """Capture the segments' graphs (GPU only); runs them once eagerly first, writing K/V rows
@@ -315,11 +316,7 @@ class QuestionPrefill:
         if self.hidden.device.type != "cuda":
             return
         torch.add(self.arange, n, out=self.slot)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._eager(n)
-        torch.cuda.current_stream().wait_stream(side)
+        _warm_on_side_stream(lambda: self._eager(n))
         pool = torch.cuda.graph_pool_handle()
         graphs = []
         for i in range(self.segments):
@@ -327,7 +324,7 @@ class QuestionPrefill:
             with torch.cuda.graph(g, pool=pool, capture_error_mode=CAPTURE_MODE):
                 self._segment(i)
             graphs.append(g)
-        self.graphs, self._graph_key = graphs, self._key()
+        self.graphs, self._graph_key = graphs, _buffers_key(self.cache)
 
     def _inputs(self, ids, positions, n: int, n_real: int) -> None:
         if self.chunk:
@@ -346,8 +343,8 @@ class QuestionPrefill:
         for layer in self.cache.layers:
             layer._reserve(n + self.t, layer._k, layer._v)
         self._inputs(ids, positions, n, n_real)
-        if self.hidden.device.type == "cuda":
-            if self.graphs is None or self._graph_key != self._key():
+        if self.hidden.device.type == "cuda" and self.t <= (MAX_CHUNK_GRAPH if self.chunk else MAX_GRAPH_BUCKET):
+            if self.graphs is None or self._graph_key != _buffers_key(self.cache):
                 self.capture(n)
                 self._inputs(ids, positions, n, n_real)
             layers = len(self.lm.layers)
@@ -363,13 +360,13 @@ class QuestionPrefill:
         return self.logits
 
 
-MAX_GRAPH_BUCKET = 256  # longer questions prefill eagerly (text_prefill)
+MAX_GRAPH_BUCKET = 256  # longer questions run the same segments eagerly, with no graphs
 
 
 def question_prefill(model, cache, bucket: int) -> QuestionPrefill | None:
     """The QuestionPrefill for `bucket` tokens on `cache` (made on first use), or None where it does not
-    apply (a bucket over MAX_GRAPH_BUCKET, the stock cache, a model spread over several devices)."""
-    if bucket > MAX_GRAPH_BUCKET or static_decoder(model, cache) is None:
+    apply (the stock cache, a model spread over several devices)."""
+    if static_decoder(model, cache) is None:
         return None
     table = cache.__dict__.setdefault("_streamchat_prefill", {})
     if bucket not in table:
