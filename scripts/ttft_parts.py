@@ -52,7 +52,7 @@ def main() -> None:
     for first in range(0, args.frames, 4):
         engine.encode(frames, first)
     torch.cuda.synchronize()
-    model, cache = loaded.model, engine.cache
+    model, cache = loaded.model, engine.cache.hf
     n = args.tokens
     ids = torch.full((n,), engine.vocab.im_end, device=loaded.device)
     start = engine.cursor.next_pos + 100
@@ -66,7 +66,7 @@ def main() -> None:
             hf.lm_head(model, hidden)
             hf.cache_drop_tail(cache, n)
 
-        qp = hf.question_prefill(model, cache, n)
+        qp = hf.question_prefill(model, cache, n, {})
 
         def graphs():
             qp.run(ids.cpu(), pos, n)

@@ -50,6 +50,25 @@ def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop"
     g.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help=f"frames appended to the cache per step, even (default: {d.chunk_frames})")
     g.add_argument("--history", choices=["drop", "keep"], default=history_default, help=f"drop: roll each answer back; keep: answers stay as dialogue (default: {history_default})")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"longest answer in tokens (default: {d.max_new_tokens})")
+    add_memory_options(p)
+
+
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    from .memory import MemoryConfig
+
+    m = MemoryConfig()
+    g = p.add_argument_group("memory (long videos)")
+    g.add_argument("--memory", choices=["auto", "exact", "bounded"], default=m.mode,
+                   help="exact: every token stays on the GPU, and a stream that would not fit is refused; bounded: a working "
+                        "set on the GPU, every older page kept exactly in host memory or on disk and retrieved per question; "
+                        f"auto: exact while the stream fits, bounded when it would not (default: {m.mode})")
+    g.add_argument("--gpu-kv-budget", default=m.gpu_kv_budget,
+                   help=f"KV cache on the GPU, in tokens (65536, 64k) or bytes (2GiB); bounded memory's working set, retrieved "
+                        f"pages and the answer fit in it (default: {m.gpu_kv_budget} tokens)")
+    g.add_argument("--host-kv-budget", default=m.host_kv_budget,
+                   help=f"archived pages kept in host memory before they spill to disk in the session's folder (default: {m.host_kv_budget})")
+    g.add_argument("--retrieve-tokens", type=int, default=m.retrieve_tokens,
+                   help=f"bounded memory: archived tokens brought back for each question (default: {m.retrieve_tokens})")
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
@@ -74,6 +93,13 @@ def sampling_from(args):
     )
 
 
+def memory_from(args):
+    from .memory import MemoryConfig
+
+    return MemoryConfig(mode=args.memory, gpu_kv_budget=args.gpu_kv_budget, host_kv_budget=args.host_kv_budget,
+                        retrieve_tokens=args.retrieve_tokens).validate()
+
+
 def config_from(args):
     from .config import SessionConfig
 
@@ -83,7 +109,14 @@ def config_from(args):
         chunk_frames=args.chunk_frames,
         history=args.history,
         max_new_tokens=args.max_new_tokens,
+        memory=memory_from(args),
     ).validate()
+
+
+def tell_budget(args, budget) -> None:
+    """Say on stderr (never on stdout, so --json stays one document) when auto memory chose bounded."""
+    if budget.reason and not getattr(args, "json", False):
+        sys.stderr.write(f"streamchat: {budget.reason}\n")
 
 
 def open_video(path: str, config):
@@ -135,24 +168,28 @@ def cmd_ask(args) -> int:
     source = open_video(args.video, config)
     if args.at is not None and (args.at < 0 or args.at > source.info.duration_s + 1e-6):
         raise UserError(f"--at {args.at} is outside the video (0 to {source.info.duration_s:.2f} s); pick a time inside it")
-    loaded = load_model(args)
-    stream = Stream(loaded, source, config)
-    target = stream.frames_at(args.at)
+    target = source.frames_until(args.at) if args.at is not None else len(source.plan)
     if target == 0:
         raise UserError(f"no frames sampled at or before --at {args.at}; pick a later time")
-    bar = progress_for(args, target, "encoding")
+    loaded = load_model(args)
     if args.mode == "streaming":
+        stream = Stream(loaded, source, config, frames=target)
+        tell_budget(args, stream.budget)
+        bar = progress_for(args, target, "encoding")
         stream.encode_until(target, pad_tail=True, on_chunk=lambda c: bar.update(c.frame_last + 1))
         bar.close()
         ans = stream.engine.ask(question)
-    else:
+    else:  # the plain transformers path needs only the prompt's layout, no streaming engine
+        from . import hf
+        from .layout import Vocab, one_turn
         from .offline import answer_with_retry
+        from .stream import read_frames
 
-        stream.encode_until(target, pad_tail=True, on_chunk=lambda c: bar.update(c.frame_last + 1))
-        bar.close()
-        prompt = stream.engine.prompt_with(stream.engine.question_ids(question))
-        del stream.engine.cache  # offline builds its own; free the streaming one first
-        ans, attempts = answer_with_retry(loaded, prompt, stream.read_frames, stream.fps, question, config.max_new_tokens, stream.engine.vocab)
+        unit = hf.vision_config(loaded.model).patch_size * hf.vision_config(loaded.model).spatial_merge_size
+        vocab = Vocab(loaded.tokenizer, config.system_prompt)
+        prompt = one_turn(vocab, target, source.info.resized_height // unit, source.info.resized_width // unit, question)
+        fps = config.sampling.sampled_fps(source.info.native_fps)
+        ans, attempts = answer_with_retry(loaded, prompt, lambda pos: read_frames(source, pos), fps, question, config.max_new_tokens, vocab)
         if ans is None:
             raise RuntimeError("offline mode ran out of memory at every stride: " + "; ".join(a.error or "" for a in attempts))
     doc = {
@@ -161,6 +198,7 @@ def cmd_ask(args) -> int:
         "model": loaded.model_id,
         "at_s": args.at,
         "frames": ans.frames_seen,
+        "memory": stream.budget.to_json() if args.mode == "streaming" else None,
         **ans.to_json(),
     }
     text = f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total]"

@@ -33,15 +33,16 @@ def match(a: Answer, b: Answer | None) -> dict:
 def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, question: str, at: float | None = None,
                 on_chunk=None) -> dict:
     """Encode the frames up to `at` chunk by chunk and ask; then ask offline with the same prompt."""
-    stream = Stream(loaded, source, config)
+    target = source.frames_until(at) if at is not None else len(source.plan)
+    stream = Stream(loaded, source, config, frames=target)
     dev = loaded.device
     reset_peak(dev)
-    chunks: list[ChunkStats] = stream.encode_until(stream.frames_at(at), pad_tail=True, on_chunk=on_chunk)
+    chunks: list[ChunkStats] = stream.encode_until(target, pad_tail=True, on_chunk=on_chunk)
     encode_peak = gpu_memory(dev)["peak_bytes"]
     after_encode = gpu_memory(dev)["allocated_bytes"]
     s_ans = stream.engine.ask(question)
     cache_bytes = chunks[-1].cache_bytes if chunks else 0
-    del stream.engine.cache
+    stream.engine.reset()  # frees the streaming cache, its graphs and archive before offline runs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     o_ans, attempts = answer_with_retry(
@@ -60,6 +61,7 @@ def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, ques
             "history": config.history,
         },
         "question": s_ans.question,
+        "memory": stream.budget.to_json(),
         "streaming": {
             **s_ans.to_json(),
             "frames": s_ans.frames_seen,

@@ -7,6 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from .errors import UserError
+from .memory import MemoryConfig
 from .video import Sampling
 
 HISTORY_MODES = ("drop", "keep")
@@ -22,6 +23,7 @@ class SessionConfig:
     system_prompt: str = "You are a helpful assistant."  # Qwen2.5-VL's default system prompt
     stream_attention: bool = True  # lower-right causal SDPA without a mask (streamchat/hf/attention.py); False = stock sdpa
     static_decode: bool = True  # decode steps on fixed-shape buffers, one CUDA graph per step on a GPU
+    memory: MemoryConfig = field(default_factory=MemoryConfig)  # exact / bounded / auto, and the KV budgets
 
     def validate(self) -> "SessionConfig":
         if self.chunk_frames < 2 or self.chunk_frames % 2:
@@ -32,6 +34,7 @@ class SessionConfig:
             raise UserError(f"--history must be one of {', '.join(HISTORY_MODES)}; got {self.history}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1; got {self.max_new_tokens}")
+        self.memory.validate()
         return self
 
     def to_dict(self) -> dict:
@@ -41,6 +44,7 @@ class SessionConfig:
     def from_dict(cls, d: dict) -> "SessionConfig":
         d = dict(d)
         d["sampling"] = Sampling(**d.get("sampling", {}))
+        d["memory"] = MemoryConfig(**d.get("memory", {}))  # sessions logged before memory policies: the defaults
         return cls(**d)
 
     def fingerprint(self) -> str:

@@ -1,59 +1,46 @@
 """The streaming engine: chunks of frames appended to Qwen2.5-VL's KV cache, questions answered on top.
 
-Token layout (the same one the chat template renders for one video per user turn):
-
-    <|im_start|>system\\n{system}<|im_end|>\\n<|im_start|>user\\n<|vision_start|> [video ...]
-    <|vision_end|>{question}<|im_end|>\\n<|im_start|>assistant\\n{answer}<|im_end|>\\n
-    <|im_start|>user\\n<|vision_start|> [video since the last question ...] ...   (history=keep)
-
-Text that is known but not yet needed (the prompt's head, a kept answer's closing tokens) waits in
-`pending` and is prefilled together with the next chunk or question. The `transcript` records every
+The token layout is streamchat/layout.py's; the cache is streamchat/kvcache.py's, and under a bounded
+memory policy (streamchat/memory.py) old pages leave it for the archive and questions bring back the
+pages they need. Text that is known but not yet needed (the prompt's head, a kept answer's closing
+tokens) waits in `pending` and is prefilled together with the next chunk or question. The `transcript` records every
 token and frame in order, so the offline runner can rebuild exactly the prompt a turn saw.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
 from . import hf
+from .archive import PageArchive
 from .config import SessionConfig
 from .errors import UserError
+from .kvcache import KVCache
+from .layout import (  # noqa: F401 - re-exported: the layout's names were the engine's before layout.py
+    Segment,
+    TextSeg,
+    VideoSeg,
+    Vocab,
+    check_question,
+    copy_segments,
+    segments_from_json,
+    segments_to_json,
+)
+from .memory import Budget, mean_queries, page_scores, resolve, select_pages
 from .metrics import gpu_memory, now, reset_peak, sync
 from .models import Loaded
+from .pages import PageBook, PageInfo
 from .positions import Cursor, temporal_interval, text_positions
+from .state import EngineState
 
 
-@dataclass
-class TextSeg:
-    ids: list[int]
-
-
-@dataclass
-class VideoSeg:
-    frames: list[int]  # positions in the sampling plan; a padded pair repeats the last one
-    grid_h: int  # merged (LLM) grid height
-    grid_w: int
-
-    @property
-    def tokens(self) -> int:
-        return len(self.frames) // 2 * self.grid_h * self.grid_w
-
-
-Segment = TextSeg | VideoSeg
-
-
-def segments_to_json(segs: list[Segment]) -> list[dict]:
-    return [
-        {"text": s.ids} if isinstance(s, TextSeg) else {"frames": s.frames, "grid": [s.grid_h, s.grid_w]} for s in segs
-    ]
-
-
-def segments_from_json(data: list[dict]) -> list[Segment]:
-    return [TextSeg(list(d["text"])) if "text" in d else VideoSeg(list(d["frames"]), *d["grid"]) for d in data]
+class ContextFull(UserError):
+    """Exact memory cannot take the next chunk; everything encoded so far stays askable."""
 
 
 @dataclass
@@ -69,6 +56,8 @@ class ChunkStats:
     encode_s: float
     vision_s: float
     memory: dict
+    evicted_pages: int = 0  # pages this chunk pushed out of the working set into the archive
+    archive_bytes: int = 0  # host + disk bytes of the archive after the chunk
 
 
 @dataclass
@@ -85,6 +74,8 @@ class Answer:
     prompt: list[Segment] = field(default_factory=list, repr=False)  # exactly what this turn saw
     prefill_s: float | None = None  # offline only
     margins: list[float] = field(default_factory=list, repr=False)  # offline only: top-1 minus top-2 logit per token
+    retrieved: list[dict] = field(default_factory=list)  # bounded memory: the archived time spans brought back
+    retrieval_s: float = 0.0  # bounded memory: scoring and bringing back pages (inside ttft_s)
 
     @property
     def new_tokens(self) -> int:
@@ -108,6 +99,7 @@ class Answer:
             "tokens_per_s": self.tokens_per_s,
             "cache_tokens": self.cache_tokens,
             "peak_bytes": self.peak_bytes,
+            "retrieved": self.retrieved,
         }
 
     def to_json(self) -> dict:
@@ -122,32 +114,9 @@ class Answer:
             "frames_seen": self.frames_seen,
             "cache_tokens": self.cache_tokens,
             "peak_bytes": self.peak_bytes,
+            "retrieved": self.retrieved,
+            "retrieval_ms": round(self.retrieval_s * 1000, 3),
         }
-
-
-class Vocab:
-    """The token ids and fixed token pieces of the layout, from the model's tokenizer."""
-
-    def __init__(self, tokenizer, config: SessionConfig):
-        self.tok = tokenizer
-        cid = tokenizer.convert_tokens_to_ids
-        self.vision_start, self.vision_end = cid("<|vision_start|>"), cid("<|vision_end|>")
-        self.video_pad, self.im_end = cid("<|video_pad|>"), cid("<|im_end|>")
-        self.eos = {self.im_end, cid("<|endoftext|>")}
-        self.head = self.ids(f"<|im_start|>system\n{config.system_prompt}<|im_end|>\n")
-        self.user_open = self.ids("<|im_start|>user\n")
-        self.turn_end = self.ids("<|im_end|>\n")
-        self.assistant_open = self.ids("<|im_start|>assistant\n")
-
-    def ids(self, text: str) -> list[int]:
-        return list(self.tok.encode(text, add_special_tokens=False))
-
-    def user_text(self, text: str) -> list[int]:
-        """A user's text; special-token strings typed by a user stay plain text."""
-        return list(self.tok.encode(text, add_special_tokens=False, split_special_tokens=True))
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tok.decode([i for i in ids if i not in self.eos], skip_special_tokens=True)
 
 
 RESERVE_MARGIN = 256  # cache room kept beyond the planned video for a question and its answer
@@ -211,19 +180,32 @@ def greedy_decode(
             return out, stamps
 
 
-class StreamEngine:
-    """One stream: encode chunks into the cache, answer questions on a branch, keep or roll back."""
+def _state_field(name: str) -> property:
+    return property(lambda self: getattr(self.state, name), lambda self, value: setattr(self.state, name, value))
 
-    def __init__(self, loaded: Loaded, config: SessionConfig, fps: float):
+
+class StreamEngine:
+    """One stream: encode chunks into the cache, answer questions on a branch, keep or roll back.
+
+    `plan` sizes the cache for the stream and resolves the memory policy; without it the engine is
+    exact up to the model's context."""
+
+    def __init__(self, loaded: Loaded, config: SessionConfig, fps: float, *, spill_dir: Path | None = None):
         self.loaded = loaded
         self.model = loaded.model
         self.config = config.validate()
         self.fps = fps
-        self.vocab = Vocab(loaded.tokenizer, config)
+        self.spill_dir = spill_dir  # where archive pages spill past --host-kv-budget (a session's folder)
+        self.vocab = Vocab(loaded.tokenizer, config.system_prompt)
         vc = hf.vision_config(self.model)
         self.merge = vc.spatial_merge_size
         self.interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
-        self.max_context = int(getattr(hf.text_config(self.model), "max_position_embeddings", 32768))
+        tc = hf.text_config(self.model)
+        self.max_context = int(getattr(tc, "max_position_embeddings", 32768))
+        self.kv_heads = int(tc.num_key_value_heads)
+        head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
+        self.bytes_per_token = 2 * tc.num_hidden_layers * self.kv_heads * head_dim * loaded.model.dtype.itemsize
+        self.budget = Budget("exact", self.max_context, self.max_context, self.max_context, 0, 0)
         # called as hook(chunk_index, frames) when a chunk starts, before any model work (the app shows
         # the frame; tests hold the engine inside a chunk here)
         self.chunk_hook: Callable[[int, np.ndarray], None] | None = None
@@ -231,21 +213,88 @@ class StreamEngine:
 
     # --- state --------------------------------------------------------------------------------
 
-    planned_frames: int | None = None  # frames the stream will encode in all (plan_cache): sizes the cache
+    planned_frames: int | None = None  # frames the stream will encode in all (plan): sizes an exact cache
+
+    cursor = _state_field("cursor")
+    pending = _state_field("pending")
+    transcript = _state_field("transcript")
+    block_frames = _state_field("block_frames")
+    frames_seen = _state_field("frames_seen")
+    chunks_encoded = _state_field("chunks_encoded")
+    turns = _state_field("turns")
 
     def reset(self) -> None:
-        self.cache = hf.new_cache(self.model)
-        self.cursor = Cursor()
-        self.pending: list[int] = self.vocab.head + self.vocab.user_open + [self.vocab.vision_start]
-        self.transcript: list[Segment] = [TextSeg(list(self.pending))]
-        self.block_frames = 0  # frames in the open video block
-        self.frames_seen = 0  # plan frames encoded so far (pads not counted)
-        self.chunks_encoded = 0
-        self.turns = 0
+        self.cache = KVCache(self.model)
+        self.state = EngineState.start(self.vocab.stream_start())
+        self.book = PageBook(PageArchive(self.budget.host_bytes, self.spill_dir, pin=self.loaded.device.type == "cuda"))
+
+    @property
+    def bounded(self) -> bool:
+        return self.budget.mode == "bounded"
 
     @property
     def cache_tokens(self) -> int:
-        return hf.cache_len(self.cache)
+        return self.cache.length
+
+    def _answer_room(self) -> int:
+        return self.config.max_new_tokens + RESERVE_MARGIN
+
+    # --- planning -----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def plan(self, total_frames: int, height: int, width: int) -> Budget:
+        """Resolve the memory policy for a stream of `total_frames` frames of height x width (resized),
+        size the cache for it (the whole video, or the GPU budget when bounded) before the first chunk,
+        and on a GPU prepare everything tied to the cache's buffers: the question and chunk graphs,
+        cuDNN's plans for every prefix block, the vision tower's graph. Buffers that never move keep
+        all of it valid, and it is paid at load (about 1 s for the 3B model, H200), not in the first
+        chunks. Exact memory that cannot hold the stream is refused here, before any work."""
+        vc = hf.vision_config(self.model)
+        unit = vc.patch_size * vc.spatial_merge_size
+        per_pair = (height // unit) * (width // unit)
+        chunk_tokens = self.config.chunk_frames // 2 * per_pair
+        planned = len(self.pending) + -(-total_frames // 2) * per_pair + self._answer_room()
+        self.budget = resolve(self.config.memory, bytes_per_token=self.bytes_per_token, max_context=self.max_context,
+                              planned_tokens=planned, chunk_tokens=chunk_tokens, answer_room=self._answer_room())
+        self.book.archive.host_budget = self.budget.host_bytes
+        if self.budget.mode == "exact" and planned > self.budget.working_tokens:
+            seconds = total_frames / self.fps
+            fit = max((self.budget.working_tokens - self._answer_room() - len(self.pending)) // per_pair * 2, 0)
+            raise UserError(
+                f"exact memory cannot hold this stream: {total_frames} frames ({seconds:.0f} s at {self.fps:g} fps, "
+                f"{per_pair} tokens a frame pair) need {planned:,} cache tokens, over the limit of {self.budget.working_tokens:,} "
+                f"(model context {self.max_context:,}, --gpu-kv-budget {self.config.memory.gpu_kv_budget}); about {fit} frames fit. "
+                f"Use --memory bounded (or auto), a lower --fps, --max-pixels, --max-frames or --duration"
+            )
+        self.planned_frames = total_frames if self.budget.mode == "exact" else None
+        tokens = min(planned, self.max_context + RESERVE_MARGIN) if self.budget.mode == "exact" else self.budget.gpu_tokens
+        self.cache.reserve(tokens)
+        if self.loaded.device.type == "cuda":
+            self._prepare_buffers(chunk_tokens)
+            patch = vc.patch_size
+            grid = torch.tensor([[self.config.chunk_frames // vc.temporal_patch_size, height // patch, width // patch]])
+            pixels = (int(grid.prod()), vc.in_channels * vc.temporal_patch_size * patch * patch)
+            graph = hf.vision_graph(self.model, grid, pixels, self.cache.graphs)
+            if graph is not None:
+                graph.run()  # captured now, replayed per chunk
+        return self.budget
+
+    plan_cache = plan  # the name callers used before memory policies
+
+    @torch.inference_mode()  # no autograd graph may hold the capture's activations
+    def _prepare_buffers(self, chunk_tokens: int) -> None:
+        """Everything tied to the cache's buffers, done now for chunks of `chunk_tokens` tokens: the
+        question graphs for the common lengths (longer ones are captured on first use), the chunk
+        graphs, and cuDNN's plans for every prefix block up to the buffers' capacity."""
+        table = self.cache.graphs
+        for bucket in range(QUESTION_BUCKET, CAPTURED_QUESTION_TOKENS + 1, QUESTION_BUCKET):
+            graphs = hf.question_prefill(self.model, self.cache.hf, bucket, table)
+            if graphs is not None:
+                graphs.capture(self.cache_tokens)
+        appender = hf.chunk_append(self.model, self.cache.hf, chunk_tokens, table)
+        if appender is not None:
+            appender.capture(self.cache_tokens)
+        hf.warm_split_plans(self.model, self.cache.hf, chunk_tokens, self.cache.capacity)
 
     # --- encoding -----------------------------------------------------------------------------
 
@@ -265,6 +314,20 @@ class StreamEngine:
         """
         if len(frames) == 0 or len(frames) % 2:
             raise UserError(f"a chunk must hold an even number of frames; got {len(frames)}")
+        pixels, grid = prepared if prepared is not None else self.preprocess(frames)
+        t_count, gh, gw = (int(x) for x in grid[0])
+        h, w = gh // self.merge, gw // self.merge
+        if not self.pending or self.pending[-1] != self.vocab.vision_start:
+            if self.block_frames == 0 and self.cursor.block_start is None:
+                self._add_pending(self.vocab.video_turn_open())  # history=keep after a turn
+        incoming = len(self.pending) + t_count * h * w
+        evicted = self._make_room(incoming) if self.bounded else 0
+        if not self.bounded and self.cache_tokens + incoming + self._answer_room() > self.budget.working_tokens:
+            raise ContextFull(
+                f"exact memory is full: {self.cache_tokens:,} cache tokens hold frames 0-{self.frames_seen - 1} "
+                f"(up to {timestamps[0]:.1f} s) and the next chunk needs {incoming:,} more, over the limit of "
+                f"{self.budget.working_tokens:,} tokens; what is encoded stays askable. Use --memory bounded to go on"
+            )
         if self.chunk_hook is not None:
             self.chunk_hook(self.chunks_encoded, frames)
         dev = self.loaded.device
@@ -274,14 +337,8 @@ class StreamEngine:
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if dev.type == "cuda" else None
         if marks:
             marks[0].record()
-        if not self.pending or self.pending[-1] != self.vocab.vision_start:
-            if self.block_frames == 0 and self.cursor.block_start is None:
-                # history=keep after a turn: open the next user turn's video block
-                self._add_pending(self.vocab.user_open + [self.vocab.vision_start])
-        pixels, grid = prepared if prepared is not None else self.preprocess(frames)
-        t_count, gh, gw = (int(x) for x in grid[0])
-        h, w = gh // self.merge, gw // self.merge
-        video = hf.embed_video(self.model, pixels, grid)  # [t*h*w, D]
+        graphs = self.cache.graphs if dev.type == "cuda" else None
+        video = hf.embed_video(self.model, pixels, grid, graphs)  # [t*h*w, D]
         if marks:  # an event, not a sync: the GPU goes straight on to the language model
             marks[1].record()
         vision_s = now() - t0
@@ -291,28 +348,30 @@ class StreamEngine:
             parts.append(hf.embed_tokens(self.model, torch.tensor(text_ids, device=dev)))
             positions.append(self.cursor.text(len(text_ids)))
         parts.append(video.unsqueeze(0).to(parts[0].dtype if parts else video.dtype))
-        positions.append(self.cursor.video(t_count, h, w, self.interval))
-        graphs = None if text_ids or not self.config.stream_attention else hf.chunk_append(self.model, self.cache, video.shape[0])
-        if graphs is not None:  # a chunk of video tokens only: the layers as CUDA graphs
-            graphs.run(parts[0], positions[0], video.shape[0])
+        video_pos = self.cursor.video(t_count, h, w, self.interval)
+        positions.append(video_pos)
+        appender = None
+        if not text_ids and self.config.stream_attention:
+            appender = hf.chunk_append(self.model, self.cache.hf, video.shape[0], self.cache.graphs)
+        if appender is not None:  # a chunk of video tokens only: the layers as CUDA graphs
+            appender.run(parts[0], positions[0], video.shape[0])
         else:
-            hf.lm_forward(self.model, torch.cat(parts, dim=1), torch.cat(positions, dim=1), self.cache)
+            hf.lm_forward(self.model, torch.cat(parts, dim=1), torch.cat(positions, dim=1), self.cache.hf)
         n_real = len(frames) - (1 if padded else 0)
         if self.planned_frames:
             # the whole video's cache at once: buffers that never move keep the decode graph and cuDNN's
             # plans valid, and the peak is what the finished cache needs anyway
             pairs_left = -(-max(self.planned_frames - (first + n_real), 0) // 2)
-            before = hf.cache_capacity(self.cache)
-            need = self.cache_tokens + pairs_left * h * w + self.config.max_new_tokens + RESERVE_MARGIN
-            hf.allocate_cache(self.model, self.cache, min(need, self.max_context + RESERVE_MARGIN))
-            if dev.type == "cuda" and hf.cache_capacity(self.cache) != before:
+            need = self.cache_tokens + pairs_left * h * w + self._answer_room()
+            if self.cache.reserve(min(need, self.max_context + RESERVE_MARGIN)) and dev.type == "cuda":
                 self._prepare_buffers(video.shape[0])  # new buffers (a restored snapshot, say)
+        plan = list(range(first, first + n_real)) + ([first + n_real - 1] if padded else [])
+        self._note_chunk(len(text_ids), plan, t_count, h * w, timestamps, video_pos)
         sync(dev)
         encode_s = now() - t0
         if marks:
             vision_s = marks[0].elapsed_time(marks[1]) / 1000  # GPU time from the chunk's start to the tower's end
 
-        plan = list(range(first, first + n_real)) + ([first + n_real - 1] if padded else [])
         self.pending = []
         last = self.transcript[-1]
         if isinstance(last, VideoSeg) and self.block_frames:
@@ -329,13 +388,86 @@ class StreamEngine:
             t_end_s=float(timestamps[-1]),
             tokens=len(text_ids) + video.shape[0],
             cache_tokens=self.cache_tokens,
-            cache_bytes=hf.cache_bytes(self.cache),
+            cache_bytes=self.cache.nbytes,
             encode_s=encode_s,
             vision_s=vision_s,
             memory=gpu_memory(dev),
+            evicted_pages=evicted,
+            archive_bytes=self.book.archive.host_bytes + self.book.archive.disk_bytes,
         )
         self.chunks_encoded += 1
         return stats
+
+    def _note_chunk(self, text_tokens: int, plan: list[int], t_count: int, per_page: int, timestamps, video_pos) -> None:
+        """Record the chunk's rows as spans (its text, then one page per temporal patch); under bounded
+        memory also each page's retention score and mean pre-RoPE key."""
+        self.cache.note(text_tokens)
+        first_id = len(self.book.pages)
+        stamps = [float(t) for t in timestamps]
+        infos = []
+        for k in range(t_count):
+            a, b = plan[2 * k], plan[2 * k + 1]
+            if len(stamps) == len(plan):
+                t0, t1 = stamps[2 * k], stamps[2 * k + 1]
+            else:  # chunk bounds only: spread the pages evenly
+                t0 = stamps[0] + (stamps[-1] - stamps[0]) * (2 * k) / max(len(plan) - 1, 1)
+                t1 = stamps[0] + (stamps[-1] - stamps[0]) * (2 * k + 1) / max(len(plan) - 1, 1)
+            infos.append(PageInfo(first_id + k, (a, b), t0, t1, per_page))
+            self.cache.note(per_page, first_id + k)
+        if not self.bounded:
+            self.book.pages.extend(infos)
+            return
+        end = self.cache_tokens
+        rows = self.cache.rows(end - t_count * per_page, end)
+        dev = self.loaded.device
+        keys = torch.stack([k[0].to(dev) for k, _ in rows])  # [L, H_kv, T*N, Dh], rotated
+        values = torch.stack([v[0].to(dev) for _, v in rows])
+        cos, sin = hf.rotary(self.model, video_pos, keys)
+        keys = hf.unrotate(keys, cos, sin)
+        shape = (keys.shape[0], keys.shape[1], t_count, per_page, keys.shape[-1])
+        self.book.add(infos, keys.view(shape), values.view(shape))
+
+    def _make_room(self, incoming: int) -> int:
+        """Bounded memory: archive pages until `incoming` more tokens fit the working set. The pages
+        outside the recent window go first, lowest retention score first (older on ties); then, if
+        that is not enough, the oldest pages of the window. Returns the pages archived."""
+        over = self.cache_tokens + incoming - self.budget.working_tokens
+        if over <= 0:
+            return 0
+        starts = {s.page: (start, s.tokens) for start, s in zip(self.cache.starts(), self.cache.spans) if s.page is not None}
+        newest_first = sorted(starts, reverse=True)
+        window, used = set(), 0
+        for page in newest_first:
+            if used + starts[page][1] > self.budget.window_tokens:
+                break
+            window.add(page)
+            used += starts[page][1]
+        older = sorted((p for p in starts if p not in window), key=lambda p: (self.book.scores[p], p))
+        order = older + sorted(window)
+        leaving, freed = [], 0
+        for page in order:
+            if freed >= over:
+                break
+            leaving.append(page)
+            freed += starts[page][1]
+        dev = self.loaded.device
+        for page in leaving:
+            start, n = starts[page]
+            rows = self.cache.rows(start, start + n)
+            self.book.archive.put(page, torch.stack([k[0].to(dev) for k, _ in rows]), torch.stack([v[0].to(dev) for _, v in rows]))
+        self.cache.drop_pages(set(leaving))
+        return len(leaving)
+
+    @torch.inference_mode()
+    def evict_to(self, tokens: int, retrieve_tokens: int | None = None) -> int:
+        """Bounded memory: shrink the working set to `tokens` now, archiving pages as a chunk would, and
+        keep that limit (tools and tests: a stream encoded whole, then bounded). Returns the pages archived."""
+        if not self.bounded:
+            raise UserError("evict_to needs a stream encoded under bounded memory (pages need their index)")
+        b = self.budget
+        retrieve = b.retrieve_tokens if retrieve_tokens is None else retrieve_tokens
+        self.budget = Budget("bounded", b.gpu_tokens, tokens, min(b.window_tokens, tokens), retrieve, b.host_bytes)
+        return self._make_room(0)
 
     def _add_pending(self, ids: list[int]) -> None:
         self.pending.extend(ids)
@@ -349,84 +481,45 @@ class StreamEngine:
         """Run the engine's kernels once on a throwaway cache (a chunk if frames are given, and a short
         question), so the first real chunk and question pay no one-time GPU setup (CUDA module loading,
         kernel selection). The live state is untouched."""
-        saved = (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
-                 self.chunks_encoded, self.turns, self.chunk_hook)
-        history, planned = self.config.history, self.planned_frames
+        saved = (self.cache, self.state, self.book, self.budget, self.chunk_hook, self.planned_frames, self.config.history)
         try:
             self.chunk_hook = None
             self.planned_frames = None
             self.config.history = "drop"
+            self.budget = Budget("exact", self.max_context, self.max_context, self.max_context, 0, 0)
             self.reset()
             if frames is None:
                 frames = np.zeros((2, 56, 56, 3), dtype=np.uint8)
             self.encode(frames[:2], 0)
             self.ask("warm up", max_new_tokens=3)
         finally:
-            self.config.history, self.planned_frames = history, planned
-            (self.cache, self.cursor, self.pending, self.transcript, self.block_frames, self.frames_seen,
-             self.chunks_encoded, self.turns, self.chunk_hook) = saved
+            (self.cache, self.state, self.book, self.budget, self.chunk_hook, self.planned_frames, self.config.history) = saved
 
     # --- questions ----------------------------------------------------------------------------
 
     def question_ids(self, question: str) -> list[int]:
         """The tokens a question adds after the transcript: close the block (or open a text turn), ask."""
-        q = question.strip()
-        if not q:
-            raise UserError("the question is empty; type a question about the video")
+        q = check_question(question)
         if self.block_frames:
-            head = [self.vocab.vision_end]
+            block_open = True
         elif self.cursor.block_start is None and (not self.pending or self.pending[-1] != self.vocab.vision_start):
-            head = self.vocab.user_open  # history=keep, no new frames since the last answer
+            block_open = False  # history=keep, no new frames since the last answer
         else:
             raise UserError("no frames are encoded yet; wait for the first chunk (or ask with a later --at)")
-        ids = head + self.vocab.user_text(q) + self.vocab.turn_end + self.vocab.assistant_open
-        room = self.max_context - self.cache_tokens - len(self.pending) - self.config.max_new_tokens
+        ids = self.vocab.question(q, block_open=block_open)
+        limit = self.budget.gpu_tokens if self.bounded else self.budget.working_tokens
+        room = min(limit, self.max_context) - self.cache_tokens - len(self.pending) - self.config.max_new_tokens - self.budget.retrieve_tokens
         if len(ids) > room:
             raise UserError(
-                f"the question is {len(ids)} tokens but only {max(room, 0)} fit in the model's context "
-                f"({self.max_context} tokens, {self.cache_tokens} in the cache); ask a shorter question"
+                f"the question is {len(ids)} tokens but only {max(room, 0)} fit beside the cache's {self.cache_tokens:,} tokens "
+                f"and a {self.config.max_new_tokens}-token answer (limit {min(limit, self.max_context):,}); "
+                + ("ask a shorter question" if room > 0 else "lower --max-new-tokens, or use --memory bounded")
             )
         return ids
 
     def prompt_with(self, q_ids: list[int]) -> list[Segment]:
         """A copy of the transcript followed by the question's tokens: exactly what a turn sees."""
-        copy = [TextSeg(list(s.ids)) if isinstance(s, TextSeg) else VideoSeg(list(s.frames), s.grid_h, s.grid_w) for s in self.transcript]
-        return copy + [TextSeg(list(q_ids))]
-
-    @torch.inference_mode()
-    def plan_cache(self, total_frames: int, height: int, width: int) -> None:
-        """Size the cache for a whole video of `total_frames` frames of height x width (resized) before
-        the first chunk (at most the model's context), and on a GPU prepare everything tied to its
-        buffers: the question and chunk graphs, cuDNN's plans for every prefix block, the vision
-        tower's graph. Buffers that never move keep all of it valid, and it is paid at load (about
-        1 s for the 3B model, H200), not in the first chunks."""
-        self.planned_frames = total_frames
-        vc = hf.vision_config(self.model)
-        unit = vc.patch_size * vc.spatial_merge_size
-        per_pair = (height // unit) * (width // unit)
-        tokens = len(self.pending) + -(-total_frames // 2) * per_pair + self.config.max_new_tokens + RESERVE_MARGIN
-        tokens = min(tokens, self.max_context + RESERVE_MARGIN)
-        hf.allocate_cache(self.model, self.cache, tokens)
-        if self.loaded.device.type == "cuda":
-            self._prepare_buffers(self.config.chunk_frames // 2 * per_pair)
-            patch = vc.patch_size
-            grid = torch.tensor([[self.config.chunk_frames // vc.temporal_patch_size, height // patch, width // patch]])
-            pixels = (int(grid.prod()), vc.in_channels * vc.temporal_patch_size * patch * patch)
-            hf.vision_graph(self.model, grid, pixels).run()  # captured now, replayed per chunk
-
-    @torch.inference_mode()  # no autograd graph may hold the capture's activations
-    def _prepare_buffers(self, chunk_tokens: int) -> None:
-        """Everything tied to the cache's buffers, done now for chunks of `chunk_tokens` tokens: the
-        question graphs for the common lengths (longer ones are captured on first use), the chunk
-        graphs, and cuDNN's plans for every prefix block up to the buffers' capacity."""
-        for bucket in range(QUESTION_BUCKET, CAPTURED_QUESTION_TOKENS + 1, QUESTION_BUCKET):
-            graphs = hf.question_prefill(self.model, self.cache, bucket)
-            if graphs is not None:
-                graphs.capture(self.cache_tokens)
-        appender = hf.chunk_append(self.model, self.cache, chunk_tokens)
-        if appender is not None:
-            appender.capture(self.cache_tokens)
-        hf.warm_split_plans(self.model, self.cache, chunk_tokens, hf.cache_capacity(self.cache))
+        return copy_segments(self.transcript) + [TextSeg(list(q_ids))]
 
     def _prefill(self, feed: list[int]) -> torch.Tensor:
         """Append a question's tokens to the cache and return the next token's logits.
@@ -440,17 +533,37 @@ class StreamEngine:
         n = len(feed)
         positions = self.cursor.text(n)
         pad = -n % QUESTION_BUCKET
-        prefill = hf.question_prefill(self.model, self.cache, n + pad) if self.config.stream_attention else None
+        prefill = hf.question_prefill(self.model, self.cache.hf, n + pad, self.cache.graphs) if self.config.stream_attention else None
         if prefill is None:  # stock attention (for comparisons), the stock cache, a model over several devices
             embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
-            return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache))
+            return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache.hf))
         ids = torch.tensor(feed + [self.vocab.im_end] * pad)
         positions = torch.cat([positions, text_positions(self.cursor.next_pos, pad)], dim=1)
         return prefill.run(ids, positions, n)
 
+    def _retrieve(self, feed: list[int]) -> list[int]:
+        """Bounded memory: score the archived pages against the question's pre-RoPE queries (one pass
+        of the question over the working set, rolled back) and append the best ones to the cache."""
+        archived = self.book.archived(set(self.cache.pages()))
+        if not archived or self.budget.retrieve_tokens <= 0:
+            return []
+        base = self.cache_tokens
+        embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=self.loaded.device))
+        queries = hf.question_queries(self.model, embeds, self.cursor.copy().text(len(feed)), self.cache.hf)
+        self.cache.truncate(base)
+        scores = page_scores(self.book.index[archived], mean_queries(queries, self.kv_heads))
+        chosen = select_pages(scores, archived, [self.book.pages[p].tokens for p in archived], self.budget.retrieve_tokens)
+        pages = []
+        for p in chosen:
+            keys, values = self.book.archive.get(p)  # [L, H_kv, N, Dh]
+            pages.append((p, [(keys[i : i + 1], values[i : i + 1]) for i in range(keys.shape[0])]))
+        self.cache.append_pages(pages)
+        return chosen
+
     @torch.inference_mode()
     def ask(self, question: str, on_token: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> Answer:
-        """Answer on top of the cache; then roll back (history=drop) or keep the turn (history=keep)."""
+        """Answer on top of the cache; then roll back (history=drop) or keep the turn (history=keep).
+        Under bounded memory the archived pages that best match the question join the cache first."""
         dev = self.loaded.device
         max_new = max_new_tokens or self.config.max_new_tokens
         hf.use_stream_attention(self.model, self.config.stream_attention)
@@ -462,15 +575,21 @@ class StreamEngine:
         cache_before = self.cache_tokens
         saved_cursor = self.cursor.copy()
         feed = self.pending + q_ids
+        retrieved: list[int] = []
+        retrieval_s = 0.0
         try:
+            if self.bounded:
+                retrieved = self._retrieve(feed)
+                sync(dev)
+                retrieval_s = now() - t0
             logits = self._prefill(feed)
             first_logits = logits.detach().cpu()
-            decoder = hf.static_decoder(self.model, self.cache) if self.config.static_decode else None
-            gen, stamps = greedy_decode(self.model, self.cache, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
+            decoder = hf.static_decoder(self.model, self.cache.hf, self.cache.graphs) if self.config.static_decode else None
+            gen, stamps = greedy_decode(self.model, self.cache.hf, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
             sync(dev)
         except BaseException:
             # an interrupted answer (stop, error, Ctrl-C) leaves the stream as it was before the question
-            hf.cache_drop_tail(self.cache, self.cache_tokens - cache_before)
+            self.cache.truncate(cache_before)
             self.cursor = saved_cursor
             raise
         answer = Answer(
@@ -484,17 +603,19 @@ class StreamEngine:
             peak_bytes=gpu_memory(dev)["peak_bytes"],
             first_logits=first_logits,
             prompt=prompt,
+            retrieved=self.book.spans(retrieved),
+            retrieval_s=retrieval_s,
         )
         self.turns += 1
         if self.config.history == "drop":
-            hf.cache_drop_tail(self.cache, self.cache_tokens - cache_before)
+            self.cache.truncate(cache_before)
             self.cursor = saved_cursor
         else:
-            self.pending = []
-            answer_ids = [t for t in gen if t not in self.vocab.eos]
-            self.transcript.append(TextSeg(q_ids + answer_ids))
-            tail = ([] if gen[-1] in self.vocab.eos else [gen[-1]]) + self.vocab.turn_end
+            if retrieved:
+                self.cache.drop_pages(set(retrieved))
+            self.cache.note(self.cache_tokens - self.cache.span_tokens)  # the question and the answer so far
+            kept, tail = self.vocab.kept_answer(gen)
+            self.transcript.append(TextSeg(q_ids + kept))
             self.pending = tail
-            self.transcript[-1].ids.extend(self.vocab.turn_end)
             self.block_frames = 0
         return answer

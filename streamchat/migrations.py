@@ -172,3 +172,9 @@ def m004_turns_extra(db: sqlite_utils.Database) -> None:
     # Free-form per-turn details (prompt layout, memory policy events) without a migration each.
     db["turns"].add_column("extra_json", str)
     db["turns"].create_index(["replay_of"])
+
+
+@migration
+def m005_turns_retrieved(db: sqlite_utils.Database) -> None:
+    # Bounded memory: the archived time spans a turn brought back ([{t_start_s, t_end_s, ...}], JSON).
+    db["turns"].add_column("retrieved_json", str)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import hf
-from .engine import Answer, Segment, TextSeg, VideoSeg, Vocab, greedy_decode
+from .engine import Answer, greedy_decode
+from .layout import Segment, VideoSeg, Vocab, frame_count, halve, render
 from .metrics import gpu_memory, now, reset_peak, sync
 from .models import Loaded
 from .positions import Cursor, temporal_interval
@@ -32,24 +33,6 @@ class Attempt:
 
     def to_json(self) -> dict:
         return {"stride_factor": self.stride_factor, "frames": self.frames, "ok": self.ok, "error": self.error}
-
-
-def halve(prompt: list[Segment]) -> list[Segment]:
-    """The same prompt with every other frame of each video segment (stride doubled), pairs kept even."""
-    out: list[Segment] = []
-    for seg in prompt:
-        if isinstance(seg, VideoSeg):
-            frames = seg.frames[::2]
-            if len(frames) % 2:
-                frames = frames + frames[-1:]
-            out.append(VideoSeg(frames, seg.grid_h, seg.grid_w))
-        else:
-            out.append(seg)
-    return out
-
-
-def frame_count(prompt: list[Segment]) -> int:
-    return sum(len(s.frames) for s in prompt if isinstance(s, VideoSeg))
 
 
 @torch.inference_mode()
@@ -72,30 +55,22 @@ def answer_offline(
     reset_peak(dev)
     sync(dev)
     t0 = now()
-    ids: list[int] = []
-    positions = []
-    pixels, grids = [], []
-    cursor = Cursor()
-    videos = iter(frames)
-    for seg in prompt:
-        if isinstance(seg, TextSeg):
-            ids.extend(seg.ids)
-            positions.append(cursor.text(len(seg.ids)))
-        else:
-            pv, grid = hf.video_pixels(loaded.processor, next(videos))
-            t_count, gh, gw = (int(x) for x in grid[0])
-            h, w = gh // vc.spatial_merge_size, gw // vc.spatial_merge_size
-            ids.extend([vocab.video_pad] * (t_count * h * w))
-            positions.append(cursor.video(t_count, h, w, interval))
-            pixels.append(pv)
-            grids.append(grid)
+    pixels, grids, merged = [], [], []
+    for clip in frames:
+        pv, grid = hf.video_pixels(loaded.processor, clip)
+        t_count, gh, gw = (int(x) for x in grid[0])
+        merged.append((t_count, gh // vc.spatial_merge_size, gw // vc.spatial_merge_size))
+        pixels.append(pv)
+        grids.append(grid)
+    ids, positions = render(prompt, vocab, merged, interval)
+    cursor = Cursor(next_pos=int(positions.max()) + 1)  # decoding goes on after the prompt's largest position
     cache = hf.new_cache(model, growing=False)  # the stock DynamicCache, as a plain user has
     logits = hf.full_forward(
         model,
         torch.tensor(ids),
         torch.cat(pixels) if pixels else None,
         torch.cat(grids) if grids else None,
-        torch.cat(positions, dim=1),
+        positions,
         cache,
     )
     sync(dev)

@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Callable
 
 from .config import SessionConfig
-from .engine import Answer, segments_from_json
+from .engine import Answer
 from .errors import UserError
+from .layout import Vocab, segments_from_json
 from .models import Loaded
 from .offline import answer_with_retry
 from .session import check_video
 from .store import Store
-from .stream import Stream
+from .stream import read_frames
 from .video import VideoSource
 
 
@@ -75,16 +76,18 @@ def replay_session(
                 f"session {row['name']} was recorded with another config of {row['model_id']} "
                 f"(fingerprint {row['config_fingerprint']}, loaded {loaded.fingerprint}); a replay would compare different models"
             )
-        stream = Stream(loaded, VideoSource(video_path, config.sampling), config)
-        vocab = stream.engine.vocab
-        del stream.engine.cache  # offline builds its own cache per turn
+        source = VideoSource(video_path, config.sampling)
+        vocab = Vocab(loaded.tokenizer, config.system_prompt)  # offline needs the layout, not a stream
+        fps = config.sampling.sampled_fps(source.info.native_fps)
         out = []
-        for t in turns:
-            entry = replay_turn(store, row, t, loaded, stream, vocab, config)
-            out.append(entry)
-            if on_turn is not None:
-                on_turn(entry)
-        stream.source.close()
+        try:
+            for t in turns:
+                entry = replay_turn(store, row, t, loaded, source, fps, vocab, config)
+                out.append(entry)
+                if on_turn is not None:
+                    on_turn(entry)
+        finally:
+            source.close()
         done = [e for e in out if e["identical"] is not None]
         report = {
             "session": row["name"],
@@ -106,7 +109,8 @@ def replay_session(
             store.close()
 
 
-def replay_turn(store: Store, session: dict, turn: dict, loaded: Loaded, stream: Stream, vocab, config: SessionConfig) -> dict:
+def replay_turn(store: Store, session: dict, turn: dict, loaded: Loaded, source: VideoSource, fps: float, vocab: Vocab,
+                config: SessionConfig) -> dict:
     """One streaming turn against offline on the same prompt; the offline turn is logged with replay_of."""
     streaming = {
         "token_ids": turn["token_ids"],
@@ -131,7 +135,8 @@ def replay_turn(store: Store, session: dict, turn: dict, loaded: Loaded, stream:
         entry["skipped"] = "no prompt was logged with this turn (logged by an older streamchat)"
         return entry
     prompt = segments_from_json(prompt_json)
-    ans, attempts = answer_with_retry(loaded, prompt, stream.read_frames, stream.fps, turn["question"], config.max_new_tokens, vocab)
+    ans, attempts = answer_with_retry(loaded, prompt, lambda positions: read_frames(source, positions), fps, turn["question"],
+                                      config.max_new_tokens, vocab)
     entry["attempts"] = [a.to_json() for a in attempts]
     if ans is None:
         entry["skipped"] = "offline ran out of memory at every stride"

@@ -115,7 +115,8 @@ class LiveSession:
                 versions=snapshots.versions(),
                 config_fingerprint=loaded.fingerprint,  # the model's: a snapshot restores only into it
             )
-            return cls(store, row, Stream(loaded, source, config), owns_store=owns)
+            stream = Stream(loaded, source, config, spill_dir=home() / row["name"] / "pages")
+            return cls(store, row, stream, owns_store=owns)
         except BaseException:
             if owns:
                 store.close()
@@ -149,7 +150,7 @@ class LiveSession:
             if loaded is None:
                 loaded = (load_model or _default_loader)(row["model_id"], snap.dtype)
             snap.check(loaded, config=config, video_sha256=row["video_sha256"])
-            stream = Stream(loaded, VideoSource(video_path, config.sampling), config)
+            stream = Stream(loaded, VideoSource(video_path, config.sampling), config, spill_dir=home() / row["name"] / "pages")
             snap.restore(stream)
             if str(video_path) != row["video_path"]:
                 store.update_session(row["id"], video_path=str(video_path))

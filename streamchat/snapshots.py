@@ -1,11 +1,16 @@
 """Snapshots: a stream's KV cache and every piece of state needed to continue it bit-exactly, in one
 safetensors file (never pickle).
 
-Layout: tensors `layers.{i}.keys` / `layers.{i}.values` ([B, H_kv, S, D] each), and str->str metadata:
+Layout: tensors `layers.{i}.keys` / `layers.{i}.values` ([B, H_kv, S, D] each: the cache, which under
+bounded memory is the working set), `book.index` and `book.last_keys` (bounded memory: the pages'
+mean pre-RoPE keys and the newest page's keys), and str->str metadata:
 
     format, format_version   what this file is and which reader it needs
-    state                    JSON: cursor, pending ids, transcript, block/frame/chunk/turn counters,
-                             the stream's next frame, chunk boundaries, the dialogue so far
+    state                    JSON: the engine state (state.py), the cache's spans, the stream's next
+                             frame, chunk boundaries, the dialogue so far; under bounded memory the
+                             budget, every page's place and time, retention scores, and the archive's
+                             manifest: one immutable file per archived page (written once, by the first
+                             snapshot or spill that needs it, never again) with its sha256
     config                   JSON: SessionConfig.to_dict() (sampling, chunking, history mode, ...)
     model_id, model_fingerprint, dtype, video_sha256, video_path, sampled_fps, total_frames, ...
     versions                 JSON: library versions that wrote it
@@ -32,15 +37,18 @@ import torch
 
 from . import hf
 from .config import SessionConfig
-from .engine import segments_from_json, segments_to_json
 from .errors import UserError
+from .kvcache import Span
+from .memory import Budget
 from .models import Loaded
-from .positions import Cursor
+from .pages import PageInfo
+from .state import EngineState
 from .stream import Stream
 from .video import sha256_file
 
 FORMAT = "streamchat-snapshot"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: engine state with a version, cache spans, bounded memory's pages and archive
+READS_VERSIONS = ("1", "2")
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit; a bigger length means a damaged file
 SUFFIX = ".safetensors"
 
@@ -88,22 +96,29 @@ class Written:
 
 
 def stream_state(stream: Stream, chunks: list | None = None, dialogue: list | None = None) -> dict:
-    """Everything besides the cache that the engine and the stream need to go on where they stopped."""
+    """Everything besides the cache's rows that the engine and the stream need to go on where they
+    stopped (archive pages not yet on disk are written now, once)."""
     e = stream.engine
-    c = e.cursor
-    return {
-        "cursor": {"next_pos": c.next_pos, "block_start": c.block_start, "block_patches": c.block_patches, "block_max": c.block_max},
-        "pending": list(e.pending),
-        "transcript": segments_to_json(e.transcript),
-        "block_frames": e.block_frames,
-        "frames_seen": e.frames_seen,
-        "chunks_encoded": e.chunks_encoded,
-        "turns": e.turns,
+    state = {
+        **e.state.to_json(),
         "next_frame": stream.next_frame,
         "cache_tokens": e.cache_tokens,
+        "spans": [sp.to_json() for sp in e.cache.spans],
+        "budget": e.budget.to_json(),
         "chunks": chunks or [],  # [frame_first, frame_last, padded, cache_tokens_after] per chunk
         "dialogue": dialogue or [],  # {at_s, question, token_ids} per turn
     }
+    if e.bounded:
+        archive = e.book.archive
+        if archive.spill_dir is None:
+            raise SnapshotWriteError("a bounded stream's snapshot needs a folder for its archive pages (spill_dir)")
+        manifest = []
+        for page in sorted(archive.pages):
+            path = archive.write(page)
+            stored = archive.pages[page]
+            manifest.append([page, path.name, stored.sha256, stored.nbytes])
+        state.update(pages=[p.to_json() for p in e.book.pages], scores=e.book.scores, archive=manifest)
+    return state
 
 
 def _checksum(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
@@ -124,22 +139,29 @@ def build(stream: Stream, *, video_path: str, video_sha256: str, session: str = 
     e = stream.engine
     loaded = e.loaded
     tensors: dict[str, torch.Tensor] = {}
-    for i, (keys, values) in enumerate(hf.cache_layers(e.cache)):
+    for i, (keys, values) in enumerate(hf.cache_layers(e.cache.hf)):
         # keys, values: [B, H_kv, S, D]; crop() leaves non-contiguous views that safetensors refuses
         tensors[f"layers.{i}.keys"] = keys.detach().to("cpu").contiguous()
         tensors[f"layers.{i}.values"] = values.detach().to("cpu").contiguous()
+    try:
+        state = stream_state(stream, chunks, dialogue)
+    except OSError as exc:
+        raise SnapshotWriteError(f"could not write the archive pages of the snapshot ({exc.strerror or exc}); free some disk space and save again") from exc
+    if e.bounded and e.book.index is not None:
+        tensors["book.index"] = e.book.index[: len(e.book.pages)].detach().to("cpu").contiguous()
+        tensors["book.last_keys"] = e.book.last_keys.detach().to("cpu").contiguous()
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "session": session,
-        "state": json.dumps(stream_state(stream, chunks, dialogue)),
+        "state": json.dumps(state),
         "config": json.dumps(e.config.to_dict(), sort_keys=True),
         "config_fingerprint": e.config.fingerprint(),
         "model_id": loaded.model_id,
         "model_fingerprint": loaded.fingerprint,
         "dtype": dtype_name(loaded.dtype),
         "device": str(loaded.device),
-        "n_layers": str(len(tensors) // 2),
+        "n_layers": str(sum(1 for name in tensors if name.startswith("layers.")) // 2),
         "video_path": str(video_path),
         "video_sha256": video_sha256,
         "sampled_fps": repr(float(stream.fps)),
@@ -217,6 +239,7 @@ class Snapshot:
     layers: list[tuple[torch.Tensor, torch.Tensor]] = field(repr=False)
     state: dict
     config: SessionConfig
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the others (book.*)
 
     @property
     def model_id(self) -> str:
@@ -290,21 +313,43 @@ class Snapshot:
         if not 0 <= s["next_frame"] <= stream.total_frames:
             raise SnapshotError(f"snapshot {self.path.name} stopped at frame {s['next_frame']}, past the video's {stream.total_frames}")
         e = stream.engine
-        dev = e.loaded.device
-        layers = [(k.to(dev), v.to(dev)) for k, v in self.layers]
-        cache = hf.cache_from_layers(e.model, layers) if layers else hf.new_cache(e.model)
-        if hf.cache_len(cache) != self.cache_tokens:
-            raise SnapshotError(f"snapshot {self.path.name} restored {hf.cache_len(cache)} cache tokens, expected {self.cache_tokens}")
-        # every check passed: from here on only assignments
-        c = s["cursor"]
-        e.cache = cache
-        e.cursor = Cursor(c["next_pos"], c["block_start"], c["block_patches"], c["block_max"])
-        e.pending = list(s["pending"])
-        e.transcript = segments_from_json(s["transcript"])
-        e.block_frames = s["block_frames"]
-        e.frames_seen = s["frames_seen"]
-        e.chunks_encoded = s["chunks_encoded"]
-        e.turns = s["turns"]
+        budget = s.get("budget")
+        if budget is not None and budget["mode"] != e.budget.mode:
+            raise SnapshotError(
+                f"snapshot {self.path.name} was made under {budget['mode']} memory, the stream now plans {e.budget.mode} memory; "
+                f"resume with the same --memory and budgets"
+            )
+        bounded = budget is not None and budget["mode"] == "bounded"
+        spans = [Span(int(t), None if p is None else int(p)) for t, p in s.get("spans", [])]
+        if "spans" not in s and self.cache_tokens:  # format 1: an exact cache, its rows not told apart
+            spans = [Span(self.cache_tokens)]
+        if spans and sum(sp.tokens for sp in spans) != self.cache_tokens:
+            raise _damaged(self.path, "the cache's spans do not add up to its tokens")
+        archive = []
+        if bounded:
+            folder = e.book.archive.spill_dir
+            for page, name, digest, nbytes in s["archive"]:
+                path = (folder / name) if folder is not None else None
+                if path is None or not path.is_file():
+                    raise SnapshotError(f"snapshot {self.path.name} needs archive page file {name} in {folder}, which is missing; restore an earlier snapshot or run the session again")
+                archive.append((int(page), path, digest, int(nbytes)))
+        # every check passed: from here on only assignments and copies into the planned buffers
+        e.state = EngineState.from_json(s)
+        e.cache.truncate(0)
+        e.cache.spans = []
+        if self.layers:
+            with torch.inference_mode():  # the planned buffers are inference tensors
+                hf.cache_append_rows(e.cache.hf, self.layers)  # fills the buffers plan() sized; no second cache
+        e.cache.spans = spans
+        e.book.pages = [PageInfo.from_json(d) for d in s.get("pages", [])]
+        e.book.scores = [float(x) for x in s.get("scores", [])]
+        if bounded:
+            e.budget = Budget(**budget)
+            dev = e.loaded.device
+            e.book.index = self.tensors["book.index"].to(dev) if "book.index" in self.tensors else None
+            e.book.last_keys = self.tensors["book.last_keys"].to(dev) if "book.last_keys" in self.tensors else None
+            for page, path, digest, nbytes in archive:
+                e.book.archive.adopt(page, path, digest, nbytes)
         stream.next_frame = s["next_frame"]
 
 
@@ -365,9 +410,9 @@ def read(path: Path, *, expected_sha256: str | None = None) -> Snapshot:
     header, meta, _ = read_header(path)
     if meta.get("format") != FORMAT:
         raise SnapshotError(f"{path} is not a streamchat snapshot (format {meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    if meta.get("format_version") not in READS_VERSIONS:
         raise SnapshotError(
-            f"snapshot {path} has format version {meta.get('format_version')}, this streamchat reads version {FORMAT_VERSION}; "
+            f"snapshot {path} has format version {meta.get('format_version')}, this streamchat reads versions {' and '.join(READS_VERSIONS)}; "
             f"use the streamchat that wrote it, or run the session again"
         )
     from safetensors import SafetensorError
@@ -386,14 +431,15 @@ def read(path: Path, *, expected_sha256: str | None = None) -> Snapshot:
         layers = [(tensors[f"layers.{i}.keys"], tensors[f"layers.{i}.values"]) for i in range(n_layers)]
     except (KeyError, TypeError, ValueError) as exc:
         raise _damaged(path, f"missing or bad field {exc}") from None
-    if len(tensors) != 2 * n_layers:
+    extra = {name: t for name, t in tensors.items() if not name.startswith("layers.")}
+    if len(tensors) - len(extra) != 2 * n_layers or not set(extra) <= {"book.index", "book.last_keys"}:
         raise _damaged(path, f"{len(tensors)} tensors for {n_layers} layers")
     for keys, values in layers:
         if keys.shape != values.shape or keys.dim() != 4 or keys.shape[2] != state["cache_tokens"]:
             raise _damaged(path, f"layer shapes {list(keys.shape)} / {list(values.shape)} do not match {state['cache_tokens']} cache tokens")
         if _DTYPE_NAMES.get(keys.dtype) is None or dtype_name(keys.dtype) != meta["dtype"]:
             raise _damaged(path, f"tensor dtype {keys.dtype} is not the recorded {meta['dtype']}")
-    return Snapshot(path, meta, layers, state, config)
+    return Snapshot(path, meta, layers, state, config, extra)
 
 
 def load(path: Path, stream: Stream, *, expected_sha256: str | None = None, video_sha256: str | None = None) -> Snapshot:

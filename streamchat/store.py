@@ -2,7 +2,7 @@
 
 Light on purpose (stdlib + sqlite-utils): the CLI, the TUI and replay all import it.
 Columns named `*_json` come back decoded too, under the name without the suffix
-(`config`, `versions`, `token_ids`, `extra`, `report`).
+(`config`, `versions`, `token_ids`, `extra`, `report`, `retrieved`).
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _decode(row: dict) -> dict:
     """Add the decoded value of every `*_json` column under the name without the suffix."""
     for key in [k for k in row if k.endswith("_json")]:
         raw = row[key]
-        row[key[: -len("_json")]] = json.loads(raw) if raw else ([] if key == "token_ids_json" else {})
+        row[key[: -len("_json")]] = json.loads(raw) if raw else ([] if key in ("token_ids_json", "retrieved_json") else {})
     return row
 
 
@@ -241,7 +241,7 @@ class Store:
         fields.setdefault("mode", "streaming")
         if fields["mode"] not in TURN_MODES:
             raise ValueError(f"turn mode must be one of {TURN_MODES}, not {fields['mode']!r}")
-        return self._log("turns", {"session_id": session_id, **fields}, ("token_ids", "extra"))
+        return self._log("turns", {"session_id": session_id, **fields}, ("token_ids", "extra", "retrieved"))
 
     def log_snapshot(self, session_id: str, **fields: Any) -> str:
         return self._log("snapshots", {"session_id": session_id, **fields})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
@@ -21,17 +22,23 @@ from .video import VideoSource
 
 
 class Stream:
-    def __init__(self, loaded: Loaded, source: VideoSource, config: SessionConfig):
+    """A video source driven through an engine. `frames` is how many plan frames the caller means to
+    encode (default: all); the memory policy is resolved for that many, so exact memory that cannot
+    hold them is refused before any work. `spill_dir` is where a bounded stream's archive spills."""
+
+    def __init__(self, loaded: Loaded, source: VideoSource, config: SessionConfig, *, frames: int | None = None,
+                 spill_dir: Path | None = None):
         self.loaded = loaded
         self.source = source
         self.config = config
         self.fps = config.sampling.sampled_fps(source.info.native_fps)
-        self.engine = StreamEngine(loaded, config, self.fps)
+        self.engine = StreamEngine(loaded, config, self.fps, spill_dir=spill_dir)
+        h, w = source.info.resized_height, source.info.resized_width
+        self.planned = self.total_frames if frames is None else max(min(frames, self.total_frames), 0)
         if loaded.device.type == "cuda":
             # pay CUDA's one-time setup now, not on the first chunk or the first question
-            h, w = source.info.resized_height, source.info.resized_width
             self.engine.warmup(np.zeros((2, h, w, 3), dtype=np.uint8))
-        self.engine.plan_cache(self.total_frames, source.info.resized_height, source.info.resized_width)
+        self.budget = self.engine.plan(self.planned, h, w)
         self.next_frame = 0  # plan position of the next frame to encode
         self._cache: dict[int, np.ndarray] = {}
 
@@ -94,7 +101,11 @@ class Stream:
                     chunks.close()
 
     def read_frames(self, positions: list[int]) -> np.ndarray:
-        """Frames at plan positions (for the offline runner); decoded again, so no frame stays in memory."""
-        lo, hi = min(positions), max(positions)
-        block = self.source.read(lo, hi - lo + 1)
-        return block[[p - lo for p in positions]]
+        return read_frames(self.source, positions)
+
+
+def read_frames(source: VideoSource, positions: list[int]) -> np.ndarray:
+    """Frames at plan positions (for the offline runner); decoded again, so no frame stays in memory."""
+    lo, hi = min(positions), max(positions)
+    block = source.read(lo, hi - lo + 1)
+    return block[[p - lo for p in positions]]

@@ -49,7 +49,7 @@ def test_static_decoder_matches_eager_decode(tiny, clip_24fps):
         first = stream.engine.ask("What color is the square?")
         stream.encode_until(16)  # keep: the answer stayed in the cache; streaming goes on after it
         second = stream.engine.ask("And now?")
-        runs[static] = (first.token_ids, second.token_ids, stream.engine.cursor, hf.cache_layers(stream.engine.cache))
+        runs[static] = (first.token_ids, second.token_ids, stream.engine.cursor, hf.cache_layers(stream.engine.cache.hf))
     (a1, a2, ca, la), (b1, b2, cb, lb) = runs[True], runs[False]
     assert len(a1) == 24 and a1 == b1 and a2 == b2
     assert ca == cb
@@ -69,11 +69,11 @@ def test_cache_planned_for_the_whole_video_never_moves_and_matches_offline(tiny,
     source = VideoSource(clip_24fps, config.sampling)
     stream = Stream(tiny, source, config)
     assert stream.engine.planned_frames == stream.total_frames == 31
-    layer = stream.engine.cache.layers[0]
-    capacity, address = hf.cache_capacity(stream.engine.cache), layer._k.data_ptr()
+    layer = stream.engine.cache.hf.layers[0]
+    capacity, address = hf.cache_capacity(stream.engine.cache.hf), layer._k.data_ptr()
     assert capacity >= 16 * 16  # 16 frame pairs of 16 merged tokens (112 px)
     stream.encode_until(stream.total_frames)
     ans = stream.engine.ask("What is moving?")
-    assert hf.cache_capacity(stream.engine.cache) == capacity and layer._k.data_ptr() == address
+    assert hf.cache_capacity(stream.engine.cache.hf) == capacity and layer._k.data_ptr() == address
     off = answer_offline(tiny, ans.prompt, stream.read_frames, stream.fps, ans.question, 8, stream.engine.vocab)
     assert match(ans, off)["identical"]

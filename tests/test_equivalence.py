@@ -121,13 +121,13 @@ def test_rollback_leaves_cache_bit_identical(tiny, clip_24fps):
     a = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
     b = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
     a.encode_until(12)
-    before = [(k.clone(), v.clone()) for k, v in hf.cache_layers(a.engine.cache)]
+    before = [(k.clone(), v.clone()) for k, v in hf.cache_layers(a.engine.cache.hf)]
     a.engine.ask("What color is the square?")
-    after = hf.cache_layers(a.engine.cache)
+    after = hf.cache_layers(a.engine.cache.hf)
     assert all(torch.equal(k0, k1) and torch.equal(v0, v1) for (k0, v0), (k1, v1) in zip(before, after))
     a.encode_until(24)
     b.encode_until(24)
-    la, lb = hf.cache_layers(a.engine.cache), hf.cache_layers(b.engine.cache)
+    la, lb = hf.cache_layers(a.engine.cache.hf), hf.cache_layers(b.engine.cache.hf)
     assert len(la) == len(lb) == 2
     for (ka, va), (kb, vb) in zip(la, lb):
         assert ka.shape == kb.shape

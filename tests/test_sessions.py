@@ -233,7 +233,7 @@ def test_snapshot_from_another_model_config_exits_2(part, capsys):
 def test_snapshot_of_another_format_version_exits_2(part, capsys):
     s, snap = part
     _rewrite_and_record(Path(snap["path"]), s["id"], format_version="7")
-    assert "format version 7, this streamchat reads version 1" in error_line(capsys, "resume", "part")
+    assert "format version 7, this streamchat reads versions 1 and 2" in error_line(capsys, "resume", "part")
 
 
 def test_moved_video_names_the_old_path_and_resumes_with_video(part, clip_24fps, tmp_path, capsys):

@@ -63,7 +63,7 @@ def test_restored_stream_continues_bit_identically(tiny, clip, config, saved):
     snap = snapshots.load(written.path, restored, expected_sha256=written.sha256, video_sha256=sha256_file(clip))
     restore_s = time.perf_counter() - t0
     assert snap.cache_tokens == stream.engine.cache_tokens == restored.engine.cache_tokens == 74
-    assert layers_equal(stream.engine.cache, restored.engine.cache)
+    assert layers_equal(stream.engine.cache.hf, restored.engine.cache.hf)
     assert restored.engine.cursor == stream.engine.cursor and restored.next_frame == 6
     assert restored.engine.pending == stream.engine.pending
     assert restored.engine.transcript == stream.engine.transcript
@@ -74,7 +74,7 @@ def test_restored_stream_continues_bit_identically(tiny, clip, config, saved):
     a, b = stream.engine.ask("Anything blue?"), restored.engine.ask("Anything blue?")
     assert a.token_ids == b.token_ids and len(a.token_ids) == 8
     assert float((a.first_logits - b.first_logits).abs().max()) == 0.0
-    assert layers_equal(stream.engine.cache, restored.engine.cache)
+    assert layers_equal(stream.engine.cache.hf, restored.engine.cache.hf)
     print(f"snapshot {written.bytes} bytes, 74 tokens, saved in {written.seconds * 1000:.1f} ms, restored in {restore_s * 1000:.1f} ms")
 
 
@@ -89,7 +89,7 @@ def test_snapshot_file_holds_every_layer_and_the_state_to_continue(tiny, clip, s
     tensor_bytes = 2 * tc.num_hidden_layers * k0.numel() * k0.element_size()
     assert tensor_bytes < written.bytes < tensor_bytes + 16384  # the rest is the JSON header
     assert written.sha256 == sha256_file(written.path) and written.bytes == written.path.stat().st_size
-    assert meta["format"] == "streamchat-snapshot" and meta["format_version"] == "1"
+    assert meta["format"] == "streamchat-snapshot" and meta["format_version"] == "2"
     assert meta["model_id"] == "tiny-random" and meta["model_fingerprint"] == tiny.fingerprint
     assert meta["dtype"] == "float32" and meta["video_sha256"] == sha256_file(clip)
     assert {"torch", "transformers", "safetensors", "streamchat"} <= set(json.loads(meta["versions"]))
@@ -159,8 +159,8 @@ def test_snapshot_of_another_model_config_is_refused(tiny, clip, config, saved):
 
 def test_other_format_version_is_refused(saved):
     _, written = saved
-    rewrite(written.path, format_version="2")
-    with pytest.raises(SnapshotError, match="format version 2, this streamchat reads version 1"):
+    rewrite(written.path, format_version="3")
+    with pytest.raises(SnapshotError, match="format version 3, this streamchat reads versions 1 and 2"):
         snapshots.read(written.path)
 
 

@@ -25,13 +25,18 @@ from .cache import (
     allocate_cache,
     cache_bytes,
     cache_capacity,
+    buffers_key,
+    cache_append_rows,
     cache_drop_tail,
     cache_from_layers,
+    cache_keep_rows,
     cache_layers,
     cache_len,
+    cache_rows,
+    layer_devices,
     new_cache,
 )
-from .forward import embed_tokens, embed_video, full_forward, lm_forward, lm_head
+from .forward import embed_tokens, embed_video, full_forward, lm_forward, lm_head, question_queries, rotary, unrotate
 from .graphs import (
     QuestionPrefill,
     StaticDecoder,
@@ -62,7 +67,8 @@ from .rewrites import fuse_projections, fuse_rms_norms, pad_vision_mlp, speed_up
 
 __all__ = [
     "BLOCK_TOKENS", "STREAM_ATTENTION", "TRANSFORMERS_PINNED", "WINDOW_ATTENTION", "QuestionPrefill",
-    "StaticDecoder", "VisionGraph", "allocate_cache", "build_from_config", "cache_bytes", "cache_capacity",
+    "StaticDecoder", "VisionGraph", "allocate_cache", "buffers_key", "cache_append_rows", "cache_keep_rows",
+    "cache_rows", "layer_devices", "question_queries", "rotary", "unrotate", "build_from_config", "cache_bytes", "cache_capacity",
     "cache_drop_tail", "cache_from_layers", "cache_layers", "cache_len", "chunk_append", "default_processor",
     "embed_tokens", "embed_video", "full_forward", "fuse_projections", "fuse_rms_norms", "language_model",
     "lm_forward", "lm_head", "load_pretrained", "new_cache", "new_model", "pad_vision_mlp",

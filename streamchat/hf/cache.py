@@ -87,18 +87,24 @@ def new_cache(model, growing: bool = True):
     return cache
 
 
+def layer_devices(model) -> list[torch.device]:
+    """The device of each decoder layer's attention (accelerate may spread the layers over several)."""
+    return [layer.self_attn.k_proj.weight.device for layer in model.model.language_model.layers]
+
+
 def allocate_cache(model, cache, tokens: int) -> None:
     """Room for `tokens` in every growing layer of an empty or partly filled cache, now and with no
     spare (the decode graph and cuDNN's plans are tied to buffer addresses and strides: buffers sized
-    once never move). No-op for other caches and where the room is already there."""
+    once never move). Each layer's buffers live on that layer's device. No-op for other caches and
+    where the room is already there."""
     cfg = model.config.text_config
     dh = cfg.hidden_size // cfg.num_attention_heads
     dtype = model.model.language_model.embed_tokens.weight.dtype
-    for layer in cache.layers:
+    for layer, device in zip(cache.layers, layer_devices(model)):
         if not hasattr(layer, "_reserve"):
             continue
         if not layer.is_initialized:
-            empty = torch.empty(1, cfg.num_key_value_heads, 0, dh, dtype=dtype, device=model.device)
+            empty = torch.empty(1, cfg.num_key_value_heads, 0, dh, dtype=dtype, device=device)
             layer.lazy_initialization(empty, empty)
             layer._reserve(tokens, empty, empty, spare=False)
             layer._views()
@@ -138,3 +144,33 @@ def cache_drop_tail(cache, n: int) -> None:
     """Remove the last `n` tokens from every layer (5.x: a negative count removes tokens)."""
     if n > 0:
         cache.crop(-n)
+
+
+def buffers_key(cache) -> tuple:
+    """What graphs and plans over `cache` are tied to: each growing layer's buffer address and capacity."""
+    return tuple((layer._k.data_ptr(), layer._k.shape[-2]) for layer in cache.layers if getattr(layer, "_k", None) is not None)
+
+
+def cache_rows(cache, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Views of rows [start, end) of every layer: (keys, values), each [B, H_kv, end - start, D]."""
+    return [(layer.keys[..., start:end, :], layer.values[..., start:end, :]) for layer in cache.layers]
+
+
+def cache_keep_rows(cache, keep: torch.Tensor) -> None:
+    """Keep only the rows `keep` (sorted indices), moved to the front in place: the buffers never move,
+    so graphs and plans over them stay valid. Keys keep their rotation: positions are baked in."""
+    for layer in cache.layers:
+        idx = keep.to(layer._k.device)
+        n = idx.numel()
+        # index_select makes a copy first, so the overlapping move is safe
+        layer._k[..., :n, :].copy_(layer._k.index_select(2, idx))
+        layer._v[..., :n, :].copy_(layer._v.index_select(2, idx))
+        layer._len = n
+        layer._views()
+
+
+def cache_append_rows(cache, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Append per-layer (keys, values) [B, H_kv, n, D] at the end of every layer (copied to its device)."""
+    for layer, (k, v) in zip(cache.layers, rows):
+        dev = layer._k.device if getattr(layer, "_k", None) is not None else k.device
+        layer.update(k.to(dev, non_blocking=True), v.to(dev, non_blocking=True))

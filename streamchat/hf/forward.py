@@ -14,11 +14,11 @@ def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
     return model.model.get_input_embeddings()(ids.view(1, -1))
 
 
-def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, graphs: dict | None = None) -> torch.Tensor:
     """Run the vision tower: pixel patches -> merged video embeddings [tokens, D].
 
-    On a GPU each frame grid's tower runs as one CUDA graph (`VisionGraph`)."""
-    graph = vision_graph(model, grid_thw, pixel_values.shape)
+    On a GPU, given a graph table, each frame grid's tower runs as one CUDA graph (`VisionGraph`)."""
+    graph = vision_graph(model, grid_thw, pixel_values.shape, graphs)
     if graph is not None:
         return graph.run(pixel_values)
     out = model.model.get_video_features(pixel_values.to(model.device, non_blocking=True), grid_thw.to(model.device))
@@ -58,3 +58,40 @@ def full_forward(model, input_ids, pixel_values, grid_thw, position_ids, cache) 
         logits_to_keep=1,  # full-sequence logits would be 17.5 GB in fp32 at 29k tokens
     )
     return out.logits[0, -1].float()
+
+
+def rotary(model, positions: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [1, L, Dh] of the text model's M-RoPE at `positions` [3, L] (sections merged)."""
+    lm = model.model.language_model
+    return lm.rotary_emb(like, positions.view(3, 1, -1).to(like.device))
+
+
+def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Undo the rotary embedding of keys [..., H, L, Dh] rotated with cos/sin [1, L, Dh]: rotation by -theta."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
+
+    cos, sin = cos.unsqueeze(-3).to(keys.dtype), sin.unsqueeze(-3).to(keys.dtype)
+    return keys * cos - rotate_half(keys) * sin
+
+
+def question_queries(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Append `embeds` [1, T, D] at `position_ids` [3, T] to `cache` and return every layer's queries
+    before the rotary embedding, [layers, H, T, Dh] (the caller rolls the cache back)."""
+    from .rewrites import _qkv
+
+    lm = model.model.language_model
+    mask = {"full_attention": None} if lm.config._attn_implementation == STREAM_ATTENTION else None
+    out = lm(
+        inputs_embeds=embeds,
+        attention_mask=mask,
+        position_ids=position_ids.view(3, 1, -1).to(embeds.device),
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+    )
+    queries = []
+    for layer, hidden in zip(lm.layers, out.hidden_states):  # hidden_states[i] is layer i's input
+        attn = layer.self_attn
+        q = _qkv(attn, layer.input_layernorm(hidden.to(layer.input_layernorm.weight.device)))[0]
+        queries.append(q.view(hidden.shape[1], -1, attn.head_dim).transpose(0, 1).to(embeds.device))  # [H, T, Dh]
+    return torch.stack(queries)

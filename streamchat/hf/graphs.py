@@ -7,18 +7,13 @@ import torch
 
 
 from .attention import _stream_sdpa
-from .cache import BLOCK_TOKENS
+from .cache import BLOCK_TOKENS, buffers_key as _buffers_key
 from .rewrites import _mlp, _qkv
 
 # CUDA graphs are captured in "thread_local" mode: the stream's frame thread pins host memory while the
 # engine captures, and the pinned-memory allocator's event queries from that thread would invalidate a
 # capture in the default "global" mode (seen on an H200: the decode graph's capture failed at 720p).
 CAPTURE_MODE = "thread_local"
-
-
-def _buffers_key(cache) -> tuple:
-    """What a graph over `cache` is tied to: each layer's buffer address and capacity."""
-    return tuple((layer._k.data_ptr(), layer._k.shape[-2]) for layer in cache.layers)
 
 
 def _warm_on_side_stream(fn) -> None:
@@ -57,13 +52,17 @@ def _layer_second_half(layer, hidden: torch.Tensor, attn_out: torch.Tensor) -> t
     return hidden + _mlp(layer.mlp, layer.post_attention_layernorm(hidden))
 
 
-def vision_graph(model, grid_thw: torch.Tensor, pixel_shape) -> "VisionGraph | None":
-    """The VisionGraph for one video's grid [1, 3] (made on first use), or None off the GPU or for a
-    model spread over several devices."""
-    if model.device.type != "cuda" or len(grid_thw) != 1 or getattr(model, "hf_device_map", None) is not None:
+# Graph tables are plain dicts owned by the caller (the engine's KVCache): nothing is hung on
+# transformers' objects, so a cache and its graphs are freed together by reference counting.
+
+
+def vision_graph(model, grid_thw: torch.Tensor, pixel_shape, table: dict | None) -> "VisionGraph | None":
+    """The VisionGraph for one video's grid [1, 3] in `table` (made on first use), or None without a
+    table, off the GPU or for a model spread over several devices."""
+    if table is None or model.device.type != "cuda" or len(grid_thw) != 1 or getattr(model, "hf_device_map", None) is not None:
         return None
-    key = tuple(int(x) for x in grid_thw[0])
-    graphs = model.__dict__.setdefault("_streamchat_vision_graphs", {})
+    key = ("vision",) + tuple(int(x) for x in grid_thw[0])
+    graphs = table
     if key not in graphs:
         graphs[key] = VisionGraph(model, grid_thw, pixel_shape)
     return graphs[key]
@@ -363,41 +362,40 @@ class QuestionPrefill:
 MAX_GRAPH_BUCKET = 256  # longer questions run the same segments eagerly, with no graphs
 
 
-def question_prefill(model, cache, bucket: int) -> QuestionPrefill | None:
-    """The QuestionPrefill for `bucket` tokens on `cache` (made on first use), or None where it does not
-    apply (the stock cache, a model spread over several devices)."""
-    if static_decoder(model, cache) is None:
+def question_prefill(model, cache, bucket: int, table: dict) -> QuestionPrefill | None:
+    """The QuestionPrefill for `bucket` tokens on `cache`, kept in `table` (made on first use), or None
+    where it does not apply (the stock cache, a model spread over several devices)."""
+    if static_decoder(model, cache, table) is None:
         return None
-    table = cache.__dict__.setdefault("_streamchat_prefill", {})
-    if bucket not in table:
-        table[bucket] = QuestionPrefill(model, cache, bucket)
-    return table[bucket]
+    key = ("question", bucket)
+    if key not in table:
+        table[key] = QuestionPrefill(model, cache, bucket)
+    return table[key]
 
 
 SEGMENTS_ON_CPU = False  # tests run chunk appends through the graphs' segments (eagerly) on the CPU
 MAX_CHUNK_GRAPH = 1024  # larger chunks are GPU-bound: eager (their graphs would hold 100s of MB)
 
 
-def chunk_append(model, cache, tokens: int) -> QuestionPrefill | None:
-    """The graphs appending a video chunk of `tokens` tokens to `cache` (see QuestionPrefill), or None
-    where they do not apply (not a GPU, a chunk over MAX_CHUNK_GRAPH, the stock cache, several devices)."""
-    if (model.device.type != "cuda" and not SEGMENTS_ON_CPU) or tokens > MAX_CHUNK_GRAPH or static_decoder(model, cache) is None:
+def chunk_append(model, cache, tokens: int, table: dict) -> QuestionPrefill | None:
+    """The graphs appending a video chunk of `tokens` tokens to `cache` (see QuestionPrefill), kept in
+    `table`, or None where they do not apply (not a GPU, a chunk over MAX_CHUNK_GRAPH, the stock
+    cache, several devices)."""
+    if (model.device.type != "cuda" and not SEGMENTS_ON_CPU) or tokens > MAX_CHUNK_GRAPH or static_decoder(model, cache, table) is None:
         return None
-    table = cache.__dict__.setdefault("_streamchat_chunks", {})
-    if tokens not in table:
-        table[tokens] = QuestionPrefill(model, cache, tokens, chunk=True)
-    return table[tokens]
+    key = ("chunk", tokens)
+    if key not in table:
+        table[key] = QuestionPrefill(model, cache, tokens, chunk=True)
+    return table[key]
 
 
-def static_decoder(model, cache) -> StaticDecoder | None:
-    """A StaticDecoder for `cache`, or None where it does not apply (the stock cache, a model spread
-    over several devices by accelerate)."""
+def static_decoder(model, cache, table: dict) -> StaticDecoder | None:
+    """The StaticDecoder for `cache`, kept in `table`, or None where it does not apply (the stock
+    cache, a model spread over several devices by accelerate)."""
     if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
         return None
     if not cache.layers or not hasattr(cache.layers[0], "_reserve") or not cache.layers[0].is_initialized:
         return None
-    dec = getattr(cache, "_streamchat_decoder", None)
-    if dec is None:
-        dec = StaticDecoder(model, cache)
-        cache._streamchat_decoder = dec
-    return dec
+    if "decoder" not in table:
+        table["decoder"] = StaticDecoder(model, cache)
+    return table["decoder"]

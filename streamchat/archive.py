@@ -1,0 +1,122 @@
+"""The archive of pages that left the GPU working set: exact copies of their rotated keys and values,
+in host memory (pinned, when a GPU will read them back) up to a budget, then in files on disk.
+
+A page's file is written once and never changed (`page-<id>.safetensors` in the spill folder), and
+its sha256 is taken then; snapshots list those files instead of copying them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+class ArchiveError(UserError):
+    """An archived page that cannot be read back (a moved or damaged file)."""
+
+
+@dataclass
+class Stored:
+    keys: torch.Tensor | None  # [L, H_kv, N, Dh] on the host, or None once only on disk
+    values: torch.Tensor | None
+    nbytes: int
+    file: Path | None = None
+    sha256: str | None = None
+    verified: bool = True  # a restored snapshot's file is checked against its sha256 on first read
+
+
+@dataclass
+class PageArchive:
+    host_budget: int  # bytes of pages kept in host memory before spilling
+    spill_dir: Path | None  # where pages spill to (None: never spill)
+    pin: bool = False  # pinned host memory, so copies back to a GPU overlap
+    pages: dict[int, Stored] = field(default_factory=dict)
+    host_bytes: int = 0
+    disk_bytes: int = 0
+    spill_error: str | None = None  # the last failed spill (a full disk): pages then stay in memory
+
+    def __contains__(self, page: int) -> bool:
+        return page in self.pages
+
+    def __len__(self) -> int:
+        return len(self.pages)
+
+    def put(self, page: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep an exact host copy of a page's keys and values [L, H_kv, N, Dh]."""
+        k = torch.empty(keys.shape, dtype=keys.dtype, pin_memory=self.pin)
+        v = torch.empty(values.shape, dtype=values.dtype, pin_memory=self.pin)
+        k.copy_(keys)
+        v.copy_(values)
+        nbytes = k.numel() * k.element_size() * 2
+        self.pages[page] = Stored(k, v, nbytes)
+        self.host_bytes += nbytes
+        self._spill()
+
+    def _spill(self) -> None:
+        """Move the oldest host pages to disk until the host holds at most `host_budget` bytes."""
+        if self.spill_dir is None or self.host_bytes <= self.host_budget:
+            return
+        for page in sorted(p for p, s in self.pages.items() if s.keys is not None):
+            if self.host_bytes <= self.host_budget:
+                return
+            try:
+                self.write(page)
+            except OSError as exc:
+                self.spill_error = f"could not spill archive pages to {self.spill_dir} ({exc.strerror or exc}); they stay in host memory"
+                return
+            s = self.pages[page]
+            s.keys = s.values = None
+            self.host_bytes -= s.nbytes
+
+    def write(self, page: int) -> Path:
+        """The page's file, written (atomically) and hashed if it is not on disk yet."""
+        from safetensors.torch import save_file
+
+        s = self.pages[page]
+        if s.file is not None:
+            return s.file
+        assert self.spill_dir is not None
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"page-{page:07d}.safetensors"
+        tmp = path.with_suffix(".partial")
+        try:
+            save_file({"keys": s.keys.contiguous(), "values": s.values.contiguous()}, str(tmp))
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        s.file, s.sha256 = path, digest
+        self.disk_bytes += path.stat().st_size
+        return path
+
+    def get(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A page's keys and values [L, H_kv, N, Dh], from memory or from its file."""
+        s = self.pages[page]
+        if s.keys is not None:
+            return s.keys, s.values
+        from safetensors.torch import load
+
+        try:
+            data = s.file.read_bytes()
+        except OSError as exc:
+            raise ArchiveError(f"archive page {s.file} cannot be read ({exc.strerror or exc}); restore an earlier snapshot") from None
+        if not s.verified:
+            if hashlib.sha256(data).hexdigest() != s.sha256:
+                raise ArchiveError(f"archive page {s.file} is damaged (sha256 differs from the snapshot's); restore an earlier snapshot")
+            s.verified = True
+        t = load(data)
+        return t["keys"], t["values"]
+
+    def adopt(self, page: int, path: Path, sha256: str, nbytes: int) -> None:
+        """Register a page already on disk (a restored snapshot's), read on first use."""
+        self.pages[page] = Stored(None, None, nbytes, Path(path), sha256, verified=False)
+        self.disk_bytes += Path(path).stat().st_size
