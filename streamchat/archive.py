@@ -1,6 +1,9 @@
 """The archive of pages that left the GPU working set: exact copies of their rotated keys and values,
 in host memory (pinned, when a GPU will read them back) up to a budget, then in files on disk.
 
+Pinned memory comes from 1 GiB slabs cut into page-sized slots (torch's pinned allocator rounds every
+block up to a power of two: a 9.4 MB page would take 16 MB), and a spilled page's slot is reused.
+
 A page's file is written once and never changed (`page-<id>.safetensors` in the spill folder), and
 its sha256 is taken then; snapshots list those files instead of copying them.
 """
@@ -29,6 +32,10 @@ class Stored:
     file: Path | None = None
     sha256: str | None = None
     verified: bool = True  # a restored snapshot's file is checked against its sha256 on first read
+    buffer: torch.Tensor | None = None  # the host memory behind keys and values
+
+
+SLAB_BYTES = 2**30  # a power of two, so the pinned allocator adds nothing
 
 
 @dataclass
@@ -40,6 +47,23 @@ class PageArchive:
     host_bytes: int = 0
     disk_bytes: int = 0
     spill_error: str | None = None  # the last failed spill (a full disk): pages then stay in memory
+    _free: list = field(default_factory=list, repr=False)  # free pinned slots of `_slot_bytes`
+    _slot_bytes: int = 0
+    _slabs: list = field(default_factory=list, repr=False)
+
+    def _buffer(self, nbytes: int) -> torch.Tensor:
+        """uint8 [nbytes] of host memory: a pinned slot when pinning, else plain memory."""
+        if not self.pin:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        if not self._slot_bytes:
+            self._slot_bytes = nbytes
+        if nbytes != self._slot_bytes or nbytes > SLAB_BYTES:  # pages of one stream share a size
+            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        if not self._free:
+            slab = torch.empty(SLAB_BYTES, dtype=torch.uint8, pin_memory=True)
+            self._slabs.append(slab)
+            self._free.extend(slab[i * nbytes : (i + 1) * nbytes] for i in range(SLAB_BYTES // nbytes))
+        return self._free.pop()
 
     def __contains__(self, page: int) -> bool:
         return page in self.pages
@@ -49,12 +73,14 @@ class PageArchive:
 
     def put(self, page: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep an exact host copy of a page's keys and values [L, H_kv, N, Dh]."""
-        k = torch.empty(keys.shape, dtype=keys.dtype, pin_memory=self.pin)
-        v = torch.empty(values.shape, dtype=values.dtype, pin_memory=self.pin)
+        half = keys.numel() * keys.element_size()
+        buf = self._buffer(2 * half)
+        k = buf[:half].view(keys.dtype).view(keys.shape)
+        v = buf[half:].view(values.dtype).view(values.shape)
         k.copy_(keys)
         v.copy_(values)
-        nbytes = k.numel() * k.element_size() * 2
-        self.pages[page] = Stored(k, v, nbytes)
+        nbytes = 2 * half
+        self.pages[page] = Stored(k, v, nbytes, buffer=buf)
         self.host_bytes += nbytes
         self._spill()
 
@@ -71,7 +97,9 @@ class PageArchive:
                 self.spill_error = f"could not spill archive pages to {self.spill_dir} ({exc.strerror or exc}); they stay in host memory"
                 return
             s = self.pages[page]
-            s.keys = s.values = None
+            if self.pin and s.buffer is not None and s.buffer.numel() == self._slot_bytes:
+                self._free.append(s.buffer)
+            s.keys = s.values = s.buffer = None
             self.host_bytes -= s.nbytes
 
     def write(self, page: int) -> Path:

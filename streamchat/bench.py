@@ -590,8 +590,8 @@ def register(sub) -> None:
     p.add_argument("--model", default="random:qwen2.5-vl-3b", help="Hugging Face id, local directory, 'tiny-random' or 'random:qwen2.5-vl-3b' (default: random:qwen2.5-vl-3b)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = bfloat16 on GPU, float32 on CPU)")
-    p.add_argument("--width", type=int, default=d.width, help=f"frame width, a multiple of 28 (default: {d.width}, 720p resized)")
-    p.add_argument("--height", type=int, default=d.height, help=f"frame height, a multiple of 28 (default: {d.height})")
+    p.add_argument("--width", type=int, default=None, help=f"frame width, a multiple of 28 (default: {d.width}, 720p resized; 448 with --minutes)")
+    p.add_argument("--height", type=int, default=None, help=f"frame height, a multiple of 28 (default: {d.height}; 448 with --minutes)")
     p.add_argument("--frames", type=int, default=d.frames, help=f"synthetic frames to stream (default: {d.frames})")
     p.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help=f"frames per chunk, even (default: {d.chunk_frames})")
     p.add_argument("--fps", type=float, default=d.fps, help=f"sampled fps the temporal positions assume (default: {d.fps:g})")
@@ -602,6 +602,14 @@ def register(sub) -> None:
     p.add_argument("--warmup", dest="warmup", action="store_true", default=True, help=f"before timing, warm {WARMUP_WARMS} (default: on)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first chunk cold (default: off)")
     p.add_argument("--no-repeat-questions", dest="repeat_questions", action="store_false", default=True, help="ask each question once, not twice (default: twice)")
+    p.add_argument("--minutes", type=float, default=None, help="stream this many minutes of synthetic frames at --fps under "
+                   "the memory policy, with per-minute rows (encode rate, GPU/host/disk KV, TTFT, retrieval, decode) instead of "
+                   "the comparison with the whole-video path (default: off); sizes default to 448x448 there")
+    p.add_argument("--questions-per-minute", type=int, default=1, help="with --minutes: questions asked at the end of each minute (default: 1)")
+    p.add_argument("--final-questions", type=int, default=20, help="with --minutes: questions at the end, for TTFT percentiles (default: 20)")
+    from .cli import add_memory_options
+
+    add_memory_options(p)
     p.add_argument("--out", default=None, help="where to write the JSON (default: $STREAMCHAT_HOME/bench-<UTC time>.json)")
     p.add_argument("--report", default=None, help="also write Markdown here, with PNG charts beside it (default: none)")
     add_output_options(p)
@@ -615,8 +623,11 @@ def cmd_bench(args) -> int:
     from .metrics import now
     from .store import Store, home
 
+    if args.minutes is not None:
+        return _cmd_bench_long(args)
+
     settings = BenchSettings(
-        width=args.width, height=args.height, frames=args.frames, chunk_frames=args.chunk_frames, fps=args.fps,
+        width=args.width or BenchSettings.width, height=args.height or BenchSettings.height, frames=args.frames, chunk_frames=args.chunk_frames, fps=args.fps,
         questions_at=args.questions_at, max_new_tokens=args.max_new_tokens, offline=args.offline, warmup=args.warmup,
         repeat_questions=args.repeat_questions,
     ).validate()
@@ -636,4 +647,39 @@ def cmd_bench(args) -> int:
     if args.report:
         write_report(report, Path(args.report))
     emit(args, report, text_table(report) + f"\n\nJSON: {out}")
+    return 0
+
+
+def _cmd_bench_long(args) -> int:
+    import json
+
+    from . import bench_long
+    from .cli import emit, load_model, memory_from, progress_for
+    from .errors import UserError
+    from .store import Store, home
+
+    width, height = args.width or 448, args.height or 448
+    s = bench_long.LongSettings(minutes=args.minutes, width=width, height=height, fps=args.fps, chunk_frames=args.chunk_frames,
+                                max_new_tokens=args.max_new_tokens, questions_per_minute=args.questions_per_minute,
+                                final_questions=args.final_questions)
+    BenchSettings(width=width, height=height, frames=max(s.frames, 2), chunk_frames=s.chunk_frames, fps=s.fps,
+                  max_new_tokens=s.max_new_tokens).validate()
+    if args.minutes <= 0 or s.frames < s.chunk_frames:
+        raise UserError(f"--minutes {args.minutes:g} gives {s.frames} frames at {s.fps:g} fps; stream at least one chunk")
+    if s.questions_per_minute < 0 or s.final_questions < 1:
+        raise UserError("--questions-per-minute must be 0 or more and --final-questions at least 1")
+    memory = memory_from(args)
+    loaded = load_model(args)
+    bar = progress_for(args, s.frames, "streaming")
+    report = bench_long.run_long(loaded, s, memory, on_chunk=bar.update)
+    bar.close()
+    out = Path(args.out) if args.out else home() / f"bench-long-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report["json_path"] = str(out)
+    with Store() as store:
+        report["run_id"] = store.log_run("bench-long", report)
+    out.write_text(json.dumps(report, indent=2))
+    if args.report:
+        bench_long.write_report(report, Path(args.report))
+    emit(args, report, bench_long.text_table(report) + f"\n\nJSON: {out}")
     return 0

@@ -157,7 +157,8 @@ def page_scores(index: torch.Tensor, q_mean: torch.Tensor) -> torch.Tensor:
 
 def select_pages(scores: torch.Tensor, ids: list[int], tokens: list[int], budget: int) -> list[int]:
     """The best-scored pages (ties: the earlier page) whose tokens fit `budget`, in stream order."""
-    order = sorted(range(len(ids)), key=lambda i: (-float(scores[i]), ids[i]))
+    values = scores.tolist()  # one device sync, not one per page
+    order = sorted(range(len(ids)), key=lambda i: (-values[i], ids[i]))
     chosen, used = [], 0
     for i in order:
         if used + tokens[i] > budget:

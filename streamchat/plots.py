@@ -35,3 +35,43 @@ def encode_plot(points: list[tuple[int, float]], path: Path) -> Path:
 def ttft_plot(points: list[tuple[int, float]], path: Path) -> Path:
     """points: (cache tokens when asked, TTFT ms)."""
     return _line_plot(points, path, "cache size (tokens)", "time to first token (ms)", "TTFT vs cache size")
+
+
+def long_stream_plot(minutes: list[dict], path: Path) -> Path:
+    """Four panels against stream time (`bench --minutes`): encode rate, GPU memory, archive, TTFT."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [m["minute"] for m in minutes]
+    gib = 2**30
+
+    def series(key, scale=1.0):
+        return [None if m.get(key) is None else m[key] / scale for m in minutes]
+
+    fig, axes = plt.subplots(2, 2, figsize=(9.6, 6.0), dpi=100, sharex=True)
+    panels = [
+        (axes[0][0], [("frames_per_s", 1.0, "encode")], "frames/s"),
+        (axes[0][1], [("gpu_peak_bytes", gib, "GPU peak"), ("gpu_kv_bytes", gib, "GPU KV")], "GiB"),
+        (axes[1][0], [("host_bytes", gib, "host"), ("disk_bytes", gib, "disk")], "archive GiB"),
+        (axes[1][1], [("ttft_ms", 1.0, "TTFT"), ("retrieval_ms", 1.0, "retrieval")], "ms"),
+    ]
+    for ax, lines, ylabel in panels:
+        for key, scale, label in lines:
+            ys = series(key, scale)
+            if any(y is not None for y in ys):
+                ax.plot(t, [float("nan") if y is None else y for y in ys], marker="o", markersize=3, linewidth=1.2, label=label)
+        ax.set_ylabel(ylabel)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax in axes[1]:
+        ax.set_xlabel("stream time (minutes)")
+    fig.suptitle("Long stream under the memory policy")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+    return path

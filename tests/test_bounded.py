@@ -233,3 +233,21 @@ def test_archive_spills_past_the_host_budget_and_answers_the_same(tiny, clip_24f
             assert all(stored.keys is None for stored in archive.pages.values())
     assert answers[0].token_ids == answers[1].token_ids
     assert torch.equal(answers[0].first_logits, answers[1].first_logits)
+
+
+def test_the_index_holds_each_pages_mean_key_before_the_rotary_embedding(tiny, clip_24fps):
+    """Layer 0's keys before RoPE are k_proj(norm(embeddings)): computed here from the vision tower's
+    output, they must average to the index's entries, so the un-rotation used the pages' own M-RoPE
+    positions (t, h and w differ inside a video block)."""
+    s = stream_of(tiny, clip_24fps, config())
+    s.encode_until(4)
+    e = s.engine
+    frames = s.read_frames([0, 1, 2, 3])
+    with torch.inference_mode():
+        video = hf.embed_video(tiny.model, *e.preprocess(frames))  # [2 pages * N, D]
+        layer = tiny.model.model.language_model.layers[0]
+        keys = layer.self_attn.k_proj(layer.input_layernorm(video))  # [2N, H_kv * Dh]
+    dh = keys.shape[-1] // e.kv_heads
+    keys = keys.view(2, -1, e.kv_heads, dh).mean(dim=1)  # [pages, H_kv, Dh]
+    assert torch.allclose(e.book.index[:2, 0], keys, atol=1e-4)
+    assert not torch.allclose(e.book.index[1, 0], e.book.index[0, 0], atol=1e-3)  # two different pages
