@@ -92,7 +92,7 @@ class PageArchive:
             if self.host_bytes <= self.host_budget:
                 return
             try:
-                self.write(page)
+                self.write(page, durable=False)  # a spill is a cache: a snapshot makes its files durable
             except OSError as exc:
                 self.spill_error = f"could not spill archive pages to {self.spill_dir} ({exc.strerror or exc}); they stay in host memory"
                 return
@@ -102,12 +102,17 @@ class PageArchive:
             s.keys = s.values = s.buffer = None
             self.host_bytes -= s.nbytes
 
-    def write(self, page: int) -> Path:
-        """The page's file, written (atomically) and hashed if it is not on disk yet."""
+    def write(self, page: int, durable: bool = True) -> Path:
+        """The page's file, written (atomically) if it is not on disk yet; `durable` (snapshots) also
+        fsyncs it and takes its sha256, once."""
         from safetensors.torch import save_file
 
         s = self.pages[page]
         if s.file is not None:
+            if durable and s.sha256 is None:
+                with open(s.file, "rb+") as f:
+                    os.fsync(f.fileno())
+                s.sha256 = hashlib.sha256(s.file.read_bytes()).hexdigest()
             return s.file
         assert self.spill_dir is not None
         self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -115,9 +120,11 @@ class PageArchive:
         tmp = path.with_suffix(".partial")
         try:
             save_file({"keys": s.keys.contiguous(), "values": s.values.contiguous()}, str(tmp))
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+            digest = None
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -267,6 +267,8 @@ class StreamEngine:
                 f"Use --memory bounded (or auto), a lower --fps, --max-pixels, --max-frames or --duration"
             )
         self.planned_frames = total_frames if self.budget.mode == "exact" else None
+        if self.bounded:
+            self.book.reserve(-(-total_frames // 2), hf.text_config(self.model), self.loaded.device)
         tokens = min(planned, self.max_context + RESERVE_MARGIN) if self.budget.mode == "exact" else self.budget.gpu_tokens
         self.cache.reserve(tokens)
         if self.loaded.device.type == "cuda":
@@ -521,8 +523,9 @@ class StreamEngine:
         """A copy of the transcript followed by the question's tokens: exactly what a turn sees."""
         return copy_segments(self.transcript) + [TextSeg(list(q_ids))]
 
-    def _prefill(self, feed: list[int]) -> torch.Tensor:
-        """Append a question's tokens to the cache and return the next token's logits.
+    def _prefill(self, feed: list[int], cursor: Cursor, keep_queries: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append a question's tokens to the cache at `cursor`; return the next token's logits and,
+        with `keep_queries`, every layer's queries before the rotary embedding [L, H, T, Dh].
 
         With streamchat's attention the tokens are padded to a multiple of QUESTION_BUCKET and the pad
         is cut from the cache straight after: the pad comes after the real tokens, so causal attention
@@ -531,15 +534,22 @@ class StreamEngine:
         """
         dev = self.loaded.device
         n = len(feed)
-        positions = self.cursor.text(n)
+        positions = cursor.text(n)
         pad = -n % QUESTION_BUCKET
         prefill = hf.question_prefill(self.model, self.cache.hf, n + pad, self.cache.graphs) if self.config.stream_attention else None
         if prefill is None:  # stock attention (for comparisons), the stock cache, a model over several devices
             embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=dev))
-            return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache.hf))
+            if keep_queries:
+                return None, hf.question_queries(self.model, embeds, positions, self.cache.hf)
+            return hf.lm_head(self.model, hf.lm_forward(self.model, embeds, positions, self.cache.hf)), None
         ids = torch.tensor(feed + [self.vocab.im_end] * pad)
-        positions = torch.cat([positions, text_positions(self.cursor.next_pos, pad)], dim=1)
-        return prefill.run(ids, positions, n)
+        positions = torch.cat([positions, text_positions(cursor.next_pos, pad)], dim=1)
+        prefill.keep_queries = keep_queries
+        try:
+            logits = prefill.run(ids, positions, n)
+        finally:
+            prefill.keep_queries = False
+        return logits, prefill.queries_before_rope(n) if keep_queries else None
 
     def _retrieve(self, feed: list[int]) -> list[int]:
         """Bounded memory: score the archived pages against the question's pre-RoPE queries (one pass
@@ -548,16 +558,14 @@ class StreamEngine:
         if not archived or self.budget.retrieve_tokens <= 0:
             return []
         base = self.cache_tokens
-        embeds = hf.embed_tokens(self.model, torch.tensor(feed, device=self.loaded.device))
-        queries = hf.question_queries(self.model, embeds, self.cursor.copy().text(len(feed)), self.cache.hf)
+        _, queries = self._prefill(feed, self.cursor.copy(), keep_queries=True)
         self.cache.truncate(base)
-        scores = page_scores(self.book.index[archived], mean_queries(queries, self.kv_heads))
+        # every page scored in place (no gather of the index), then the archived ones picked out
+        scores = page_scores(self.book.index[: len(self.book.pages)], mean_queries(queries, self.kv_heads))
+        scores = scores[torch.tensor(archived, device=scores.device)]
         chosen = select_pages(scores, archived, [self.book.pages[p].tokens for p in archived], self.budget.retrieve_tokens)
-        pages = []
-        for p in chosen:
-            keys, values = self.book.archive.get(p)  # [L, H_kv, N, Dh]
-            pages.append((p, [(keys[i : i + 1], values[i : i + 1]) for i in range(keys.shape[0])]))
-        self.cache.append_pages(pages)
+        pages = [(p, *self.book.archive.get(p)) for p in chosen]
+        self.cache.append_pages(pages, self.loaded.device)
         return chosen
 
     @torch.inference_mode()
@@ -582,7 +590,7 @@ class StreamEngine:
                 retrieved = self._retrieve(feed)
                 sync(dev)
                 retrieval_s = now() - t0
-            logits = self._prefill(feed)
+            logits, _ = self._prefill(feed, self.cursor)
             first_logits = logits.detach().cpu()
             decoder = hf.static_decoder(self.model, self.cache.hf, self.cache.graphs) if self.config.static_decode else None
             gen, stamps = greedy_decode(self.model, self.cache.hf, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)

@@ -129,8 +129,8 @@ class KVCache:
         hf.cache_keep_rows(self.hf, torch.cat(keep) if keep else torch.zeros(0, dtype=torch.long))
         self.spans = kept_spans
 
-    def append_pages(self, pages: list[tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]]) -> None:
-        """Append pages (id, per-layer (keys, values)) at the end, after every noted span."""
-        for page, rows in pages:
-            hf.cache_append_rows(self.hf, rows)
-            self.note(rows[0][0].shape[-2], page)
+    def append_pages(self, pages: list[tuple[int, torch.Tensor, torch.Tensor]], device) -> None:
+        """Append pages (id, keys, values [L, H_kv, N, Dh]) at the end, after every noted span."""
+        hf.cache_append_pages(self.hf, [(k, v) for _, k, v in pages], device)
+        for page, keys, _ in pages:
+            self.note(keys.shape[-2], page)

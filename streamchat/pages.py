@@ -36,6 +36,17 @@ class PageBook:
     index: torch.Tensor | None = None  # [capacity, L, H_kv, Dh] float32: mean pre-RoPE key per page
     last_keys: torch.Tensor | None = None  # [L, H_kv, N, Dh]: the newest page's pre-RoPE keys
 
+    def reserve(self, pages: int, text_config, device) -> None:
+        """Room in the index for a stream of `pages` pages, allocated once (it grows only past that)."""
+        if self.index is not None and self.index.shape[0] >= pages:
+            return
+        dh = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
+        shape = (pages, text_config.num_hidden_layers, text_config.num_key_value_heads, dh)
+        grown = torch.zeros(shape, dtype=torch.float32, device=device)
+        if self.index is not None:
+            grown[: len(self.pages)] = self.index[: len(self.pages)]
+        self.index = grown
+
     def add(self, infos: list[PageInfo], keys: torch.Tensor, values: torch.Tensor) -> None:
         """Pages appended to the stream, with their pre-RoPE keys and values [L, H_kv, P, N, Dh]."""
         previous = self.last_keys if self.last_keys is not None and self.last_keys.shape == keys[:, :, 0].shape else None

@@ -251,3 +251,22 @@ def test_the_index_holds_each_pages_mean_key_before_the_rotary_embedding(tiny, c
     keys = keys.view(2, -1, e.kv_heads, dh).mean(dim=1)  # [pages, H_kv, Dh]
     assert torch.allclose(e.book.index[:2, 0], keys, atol=1e-4)
     assert not torch.allclose(e.book.index[1, 0], e.book.index[0, 0], atol=1e-3)  # two different pages
+
+
+def test_the_question_pass_gives_the_queries_transformers_computes(tiny, clip_24fps):
+    """Retrieval scores pages with the question's queries before RoPE, taken from the bucketed prefill
+    (rotated there, un-rotated after). They must equal q_proj(norm(hidden)) on transformers' own
+    hidden states for the same tokens over the same cache."""
+    s = stream_of(tiny, clip_24fps, config())
+    s.encode_until(8)
+    e = s.engine
+    feed = e.pending + e.question_ids(Q)  # 21 tokens: padded to a bucket of 32
+    base = e.cache_tokens
+    with torch.inference_mode():
+        _, ours = e._prefill(feed, e.cursor.copy(), keep_queries=True)
+        e.cache.truncate(base)
+        embeds = hf.embed_tokens(tiny.model, torch.tensor(feed))
+        reference = hf.question_queries(tiny.model, embeds, e.cursor.copy().text(len(feed)), e.cache.hf)
+        e.cache.truncate(base)
+    assert ours.shape == reference.shape == (2, 4, len(feed), 16)  # layers, heads, tokens, head dim
+    assert torch.allclose(ours, reference, atol=1e-4)

@@ -174,3 +174,20 @@ def cache_append_rows(cache, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> N
     for layer, (k, v) in zip(cache.layers, rows):
         dev = layer._k.device if getattr(layer, "_k", None) is not None else k.device
         layer.update(k.to(dev, non_blocking=True), v.to(dev, non_blocking=True))
+
+
+def cache_append_pages(cache, pages: list[tuple[torch.Tensor, torch.Tensor]], device, group: int = 8) -> None:
+    """Append whole pages (keys, values) [L, H_kv, N, Dh] (host memory, pinned for speed) after every
+    layer's rows: a few pages at a time, one host-to-device copy per page and one append per layer
+    (not one per page and layer: 32 pages x 36 layers of small copies cost ~60 ms of host time)."""
+    for at in range(0, len(pages), group):
+        batch = pages[at : at + group]
+        k_dev = torch.stack([k.to(device, non_blocking=True) for k, _ in batch])  # [P, L, H_kv, N, Dh]
+        v_dev = torch.stack([v.to(device, non_blocking=True) for _, v in batch])
+        p, layers, h_kv, n, dh = k_dev.shape
+        for i, layer in enumerate(cache.layers):
+            # [P, H_kv, N, Dh] -> [1, H_kv, P*N, Dh], pages in order
+            k = k_dev[:, i].permute(1, 0, 2, 3).reshape(1, h_kv, p * n, dh)
+            v = v_dev[:, i].permute(1, 0, 2, 3).reshape(1, h_kv, p * n, dh)
+            dev = layer._k.device if getattr(layer, "_k", None) is not None else device
+            layer.update(k.to(dev), v.to(dev))

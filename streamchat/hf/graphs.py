@@ -264,6 +264,8 @@ class QuestionPrefill:
         self.attn_out = torch.zeros(1, bucket, cfg.num_attention_heads * self.dh, dtype=dt, device=dev)
         self.logits = torch.zeros(model.lm_head.out_features, dtype=torch.float32, device=dev)
         self.cos = self.sin = None
+        self.queries: torch.Tensor | None = None  # [L, H, bucket, Dh] rotated: kept while `keep_queries`
+        self.keep_queries = False
         self.graphs: list | None = None
         self._graph_key = None
 
@@ -292,6 +294,10 @@ class QuestionPrefill:
 
     def _attend(self, i: int, n: int) -> None:
         """Layer i's attention: the bucket's queries over the cache's first n tokens and the bucket."""
+        if self.keep_queries:  # eager, between the graphs: a copy of this layer's (rotated) queries
+            if self.queries is None:
+                self.queries = torch.zeros((len(self.lm.layers),) + tuple(self.q.shape[1:]), dtype=self.q.dtype, device=self.q.device)
+            self.queries[i].copy_(self.q[0])
         kv = self.cache.layers[i]
         k, v = kv._k[..., : n + self.t, :], kv._v[..., : n + self.t, :]
         out, _ = _stream_sdpa(None, self.q, k, v, None, scaling=self.lm.layers[i].self_attn.scaling)
@@ -357,6 +363,14 @@ class QuestionPrefill:
             layer._len = n + n_real
             layer._views()
         return self.logits
+
+
+    def queries_before_rope(self, n_real: int) -> torch.Tensor:
+        """The last run's queries of its n_real real tokens, every layer, with the rotary embedding
+        undone: [L, H, n_real, Dh] (the run must have had `keep_queries` set)."""
+        from .forward import unrotate
+
+        return unrotate(self.queries[:, :, :n_real], self.cos[:, :n_real], self.sin[:, :n_real])
 
 
 MAX_GRAPH_BUCKET = 256  # longer questions run the same segments eagerly, with no graphs
