@@ -317,7 +317,7 @@ def _ask(engine, s: BenchSettings, costs: Costs, rates: dict):
     return row, answer
 
 
-def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None = None) -> dict:
+def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None = None, memory=None) -> dict:
     """Streaming, then offline, on the same synthetic frames; every figure in one JSON-able dict."""
     import torch
 
@@ -333,7 +333,10 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     # The engine turns cuDNN SDPA off for the whole process (hf.use_stream_attention); the plain path
     # runs with what torch had before that, since that is what users of plain transformers get.
     cudnn_default = torch.backends.cuda.cudnn_sdp_enabled()
-    config = SessionConfig(model=loaded.model_id, chunk_frames=s.chunk_frames, max_new_tokens=s.max_new_tokens).validate()
+    from .memory import MemoryConfig
+
+    config = SessionConfig(model=loaded.model_id, chunk_frames=s.chunk_frames, max_new_tokens=s.max_new_tokens,
+                           memory=memory or MemoryConfig()).validate()
     video, plan = SyntheticVideo(s.width, s.height, s.frames), chunk_plan(s.frames, s.chunk_frames)
     rates, costs = measure_rates(dev, loaded.dtype), Costs.of(loaded.model, loaded.dtype)
     first_frames = video.chunk(*plan[0])[0]
@@ -353,7 +356,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     weights_bytes = gpu_memory(dev)["allocated_bytes"]
     reset_peak(dev)
     t0 = now()
-    engine.plan_cache(s.frames, s.height, s.width)  # as Stream does at load: the cache sized, graphs captured
+    budget = engine.plan(s.frames, s.height, s.width)  # as Stream does at load: the cache sized, graphs captured
     plan_cache_s = now() - t0
     sampler = BusySampler(dev)
     chunks, questions, answers = [], [], []
@@ -442,6 +445,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
             "dtype": str(loaded.dtype).replace("torch.", ""), **asdict(s), "question": QUESTION, "history": config.history,
             "torch": torch.__version__, "transformers": hf.transformers_version(),
             "cudnn_sdp_streaming": bool(cuda and torch.backends.cuda.cudnn_sdp_enabled()),
+            "memory": budget.to_json(),
         },
         "warmup": {"ran": s.warmup, "s": None if warmup_s is None else round(warmup_s, 6), "warms": WARMUP_WARMS if s.warmup else None,
                    "plan_cache_s": round(plan_cache_s, 6)},
@@ -495,6 +499,8 @@ def text_table(r: dict) -> str:
         f"{c['fps']:g} fps, {c['max_new_tokens']} new tokens; cuDNN SDPA {'on' if c['cudnn_sdp_streaming'] else 'off'} for streaming"
         + (f", {'on' if of['cudnn_sdp'] else 'off'} for offline (torch's setting before the engine ran)" if of else ""),
         f"  warmup: {r['warmup']['warms'] + ' (' + _f(r['warmup']['s'], '.2f', ' s') + ')' if r['warmup']['ran'] else 'off'}",
+        f"  memory: {c['memory']['mode']}" + (f" (working set {c['memory']['working_tokens']:,} tokens: streaming is not the whole-video "
+        f"computation, so the agreement below measures the policy; --memory exact for the exact engine)" if c['memory']['mode'] == 'bounded' else ""),
         f"  cache sized for the whole video and question graphs captured before the first chunk "
         f"(StreamEngine.plan_cache, as at load): {_f(r['warmup'].get('plan_cache_s'), '.2f', ' s')}",
         "",
@@ -619,7 +625,7 @@ def register(sub) -> None:
 def cmd_bench(args) -> int:
     import json
 
-    from .cli import emit, load_model, progress_for
+    from .cli import emit, load_model, memory_from, progress_for
     from .metrics import now
     from .store import Store, home
 
@@ -635,7 +641,7 @@ def cmd_bench(args) -> int:
     loaded = load_model(args)
     load_s = now() - t0
     bar = progress_for(args, settings.frames, "streaming")
-    report = run_bench(loaded, settings, on_chunk=bar.update)
+    report = run_bench(loaded, settings, on_chunk=bar.update, memory=memory_from(args))
     bar.close()
     report["load_s"] = round(load_s, 3)
     out = Path(args.out) if args.out else home() / f"bench-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
