@@ -24,9 +24,9 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
-import torch
-
 from .errors import UserError
+
+# torch is imported inside the score functions: the CLI's parsers read MemoryConfig without it
 
 MEMORY_MODES = ("auto", "exact", "bounded")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -132,6 +132,8 @@ def resolve(config: MemoryConfig, *, bytes_per_token: int, max_context: int, pla
 def retention_scores(keys: torch.Tensor, values: torch.Tensor, previous: torch.Tensor | None) -> torch.Tensor:
     """Scores [P] of P pages from their pre-RoPE keys and values [L, H_kv, P, N, Dh] (N tokens a page)
     and the previous page's pre-RoPE keys [L, H_kv, N, Dh] (None at the start of the stream)."""
+    import torch
+
     k = keys.float()
     before = torch.cat([previous.float().unsqueeze(2), k[:, :, :-1]], dim=2) if previous is not None else None
     cos = torch.zeros(k.shape[:4], dtype=torch.float32, device=k.device)  # [L, H_kv, P, N]
@@ -152,6 +154,8 @@ def mean_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 def page_scores(index: torch.Tensor, q_mean: torch.Tensor) -> torch.Tensor:
     """Scores [P] of pages with mean pre-RoPE keys `index` [P, L, H_kv, Dh] for q_mean [L, H_kv, Dh]."""
+    import torch
+
     return torch.einsum("plhd,lhd->p", index.float(), q_mean.to(index.device)) / index.shape[-1] ** 0.5
 
 
