@@ -49,7 +49,8 @@ def halve(prompt: list[Segment]) -> list[Segment]:
 
 
 def frame_count(prompt: list[Segment]) -> int:
-    return sum(len(s.frames) for s in prompt if isinstance(s, VideoSeg))
+    """Video frames the prompt shows: distinct sampled frames (a padded pair's repeat is no new frame)."""
+    return len({f for s in prompt if isinstance(s, VideoSeg) for f in s.frames})
 
 
 @torch.inference_mode()
