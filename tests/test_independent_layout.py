@@ -1,27 +1,36 @@
 """Checks from outside the code under test: streamchat's token layout against the chat template.
 
 The expectation is built only from transformers' real Qwen2.5-VL processor (`apply_chat_template`,
-then `processor(text=..., videos=...)`) and the published Qwen2-VL / Qwen2.5-VL Instruct chat template,
-for multi-turn dialogues in both history modes. No streamchat layout code builds it.
+then `processor(text=..., videos=...)`) and the published Qwen2.5-VL Instruct chat template
+(tests/reference_qwen.py), for multi-turn dialogues in both history modes. No streamchat layout code
+builds it.
 
-Deliberate breakages (issue 11) and the tests that catch them; each was tried for real (edit, run,
-revert) on this branch:
+Deliberate breakages (issue 11) and the tests that fail on each; every one was made for real in the
+lead-owned code (edit, run these four files, revert), and the lists are what failed:
 
-  (a) drop `<|im_start|>user\\n` before a kept turn's video (engine.encode opens the next user turn)
-      -> test_independent_layout.py::test_keep_mode_dialogue_matches_the_chat_template[video-every-turn]
-         and ::test_keep_mode_dialogue_matches_the_chat_template[text-turn-between]
-  (b) drop `<|im_end|>\\n` after a kept answer (engine.ask's tail and transcript)
-      -> test_independent_layout.py::test_keep_mode_dialogue_matches_the_chat_template (both cases)
-         and ::test_a_text_only_keep_turn_matches_the_chat_template
-  (c) the out-of-memory retry never doubles the stride (offline.answer_with_retry)
-      -> test_independent_faults.py::test_out_of_memory_retry_doubles_the_stride_until_it_fits
-  (d) no sampling check at restore (snapshots.Snapshot.restore)
-      -> test_independent_faults.py::test_restore_refuses_a_stream_sampled_at_another_fps
-  (e) transformers 5.x's position rule: text resumes at s + max(H, W)
-      -> test_independent_positions.py (every case: several blocks, keep turns, 2.4 fps, odd frames)
-  (f) the temporal interval truncated to an integer
-      -> test_independent_positions.py::test_positions_match_the_reference_rule[stride-10-fps-2.4]
-         and [odd-frames-fps-8], and ::test_fractional_fps_spreads_temporal_positions
+  (a) drop `<|im_start|>user\n` before a kept turn's video (StreamEngine.encode opening the next turn)
+      test_independent_layout.py::test_keep_mode_dialogue_matches_the_chat_template[video-every-turn]
+      test_independent_layout.py::test_keep_mode_dialogue_matches_the_chat_template[text-turn-between]
+      test_independent_positions.py::test_positions_match_the_reference_rule[keep-several-blocks-fps-2]
+  (b) drop `<|im_end|>\n` after a kept answer (StreamEngine.ask: the pending tail and the transcript)
+      test_independent_layout.py::test_keep_mode_dialogue_matches_the_chat_template[video-every-turn]
+      test_independent_layout.py::test_keep_mode_dialogue_matches_the_chat_template[text-turn-between]
+      test_independent_layout.py::test_a_text_only_keep_turn_matches_the_chat_template
+      test_independent_positions.py::test_positions_match_the_reference_rule[keep-several-blocks-fps-2]
+  (c) the out-of-memory retry never doubles the stride (offline.answer_with_retry without
+      `prompt = halve(prompt); factor *= 2`)
+      test_independent_faults.py::test_out_of_memory_retry_doubles_the_stride_until_it_fits
+      test_independent_faults.py::test_out_of_memory_at_every_stride_gives_up_after_four_attempts
+      (halving the frames but keeping the old fps for the positions fails the first one too)
+  (d) no sampling check at restore (snapshots.Snapshot.restore's fps / frame-count check removed)
+      test_independent_faults.py::test_restore_refuses_a_stream_sampled_at_another_fps
+  (e) transformers 5.x's position rule: text after a video resumes at s + max(H, W)
+      test_independent_positions.py::test_positions_match_the_reference_rule[every case]
+      test_independent_positions.py::test_fractional_fps_spreads_temporal_positions
+  (f) the temporal interval truncated to an integer (tokens_per_second * int(2 / fps))
+      test_independent_positions.py::test_positions_match_the_reference_rule[stride-10-fps-2.4]
+      test_independent_positions.py::test_positions_match_the_reference_rule[odd-frames-fps-4]
+      test_independent_positions.py::test_fractional_fps_spreads_temporal_positions
 """
 
 from __future__ import annotations
