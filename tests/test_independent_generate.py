@@ -10,7 +10,7 @@ frames at 2 fps: t = s, s + 2 on a 4x4 grid), and each test checks that the cond
 it compares: transformers' own position ids must equal the independent reference.
 
 Then stock attention (sdpa), the stock DynamicCache, greedy `generate`, float32 on the CPU, must give
-streamchat's streaming answer token for token.
+streamchat's streaming answer token for token, and the same first-step logits (within 1e-4).
 """
 
 from __future__ import annotations
@@ -63,9 +63,12 @@ def test_streaming_answer_equals_stock_generate(tiny, request, clip, fps, frames
     assert (model.config.text_config._attn_implementation, model.config.vision_config._attn_implementation) == ("sdpa", "sdpa")
     eos = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
     out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=eos, pad_token_id=eos[1],
-                         return_dict_in_generate=True)
+                         return_dict_in_generate=True, output_logits=True)
     assert type(out.past_key_values) is DynamicCache
     assert all(type(layer) is DynamicLayer for layer in out.past_key_values.layers)  # not streamchat's cache
     stock = out.sequences[0, len(ids):].tolist()
     assert len(stock) >= 2
     assert ans.token_ids == stock
+    # and the first step's logits agree, so a prompt change that happens not to flip tiny-random's
+    # decisive argmax still fails here
+    assert float((ans.first_logits - out.logits[0][0].float()).abs().max()) <= 1e-4
