@@ -12,7 +12,7 @@ from streamchat.clips import make_clip
 from streamchat.compare import match
 from streamchat.config import SessionConfig
 from streamchat.engine import VideoSeg
-from streamchat.offline import answer_offline, answer_with_retry
+from streamchat.offline import answer_with_retry
 from streamchat.snapshots import SnapshotError
 from streamchat.stream import Stream
 from streamchat.video import Sampling, VideoSource
