@@ -10,6 +10,7 @@ from .config import SessionConfig
 from .engine import Answer, ChunkStats
 from .metrics import gpu_memory, mib, reset_peak
 from .models import Loaded
+from .layout import frame_count
 from .offline import answer_with_retry
 from .stream import Stream
 from .video import VideoSource
@@ -64,7 +65,7 @@ def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, ques
         "memory": stream.budget.to_json(),
         "streaming": {
             **s_ans.to_json(),
-            "frames": s_ans.frames_seen,
+            "frames": frame_count(s_ans.prompt),  # the same count as offline's: distinct frames, no pad
             "chunks": len(chunks),
             "encode_s": round(sum(c.encode_s for c in chunks), 6),
             "vision_s": round(sum(c.vision_s for c in chunks), 6),
@@ -83,7 +84,7 @@ def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, ques
     if o_ans is not None:
         report["offline"] = {
             **o_ans.to_json(),
-            "frames": sum(len(s.frames) for s in o_ans.prompt if hasattr(s, "frames")),
+            "frames": frame_count(o_ans.prompt),
             "prefill_s": round(o_ans.prefill_s or 0.0, 6),
         }
         o = report["offline"]

@@ -57,12 +57,8 @@ def copy_segments(segs: list[Segment]) -> list[Segment]:
 
 
 def frame_count(prompt: list[Segment]) -> int:
-    """Frames the prompt's video segments hold, a repeated pad frame included."""
-    return sum(len(s.frames) for s in prompt if isinstance(s, VideoSeg))
-
-
-def distinct_frames(prompt: list[Segment]) -> int:
-    """Plan frames the prompt shows, a repeated pad frame counted once: what both modes report as `frames`."""
+    """Video frames the prompt shows: distinct sampled frames (a padded pair's repeat is no new frame),
+    what streaming and offline both report as `frames`."""
     return len({f for s in prompt if isinstance(s, VideoSeg) for f in s.frames})
 
 

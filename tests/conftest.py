@@ -14,6 +14,19 @@ def streamchat_home(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """The CPU suite stays on the CPU on a GPU host: `--device auto` (the CLI's default) and a load
+    without a device mean cpu here, so float32 comparisons keep their tolerances. `@pytest.mark.gpu`
+    tests keep the real choice."""
+    if request.node.get_closest_marker("gpu") is not None:
+        return
+    import streamchat.models
+
+    pick = streamchat.models.pick_device
+    monkeypatch.setattr(streamchat.models, "pick_device", lambda device: pick("cpu" if device in (None, "auto") else device))
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """The built-in tiny-random Qwen2.5-VL (float32, CPU), loaded once."""

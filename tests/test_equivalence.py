@@ -26,8 +26,9 @@ def test_streaming_matches_offline_token_for_token(tiny, request, chunk, fps, ma
     # 31 and 23 frames: not a multiple of any chunk size, and odd, so the last pair is padded
     config = SessionConfig(model="tiny-random", sampling=Sampling(fps=fps, max_frames=max_frames), chunk_frames=chunk, max_new_tokens=16)
     report = run_compare(tiny, VideoSource(request.getfixturevalue(clip), config.sampling), config, "What is moving?")
-    assert report["streaming"]["frames"] == max_frames
-    assert report["offline"]["frames"] == max_frames + 1  # the padded pair
+    # `frames` counts the video's frames on both sides; the padded pair's repeat is no frame of its own
+    assert report["streaming"]["frames"] == report["offline"]["frames"] == max_frames
+    assert report["attempts"][0]["frames"] == max_frames
     assert report["streaming"]["chunks"] == -(-(max_frames + 1) // chunk)
     assert report["match"]["identical"] is True
     assert report["match"]["first_divergence"] is None
@@ -101,6 +102,17 @@ def test_compare_cli_json(tiny, clip_24fps, capsys):
     assert doc["attempts"] == [{"stride_factor": 1, "frames": 24, "ok": True, "error": None}]
     # the cache's real size: 512 bytes per token for tiny-random in float32
     assert doc["streaming"]["cache_bytes"] == doc["streaming"]["per_chunk"][-1]["cache_tokens"] * 512
+
+
+def test_compare_json_counts_an_odd_clip_the_same_on_both_sides(tiny, clip_24fps, capsys):
+    """7 frames: offline prefills a padded pair (8 frames' worth), yet both sides report 7 frames."""
+    rc = main(["compare", str(clip_24fps), "--model", "tiny-random", "--fps", "8", "--max-frames", "7",
+               "--chunk-frames", "4", "--max-new-tokens", "3", "--json"])
+    assert rc == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["streaming"]["frames"] == doc["offline"]["frames"] == 7
+    assert [a["frames"] for a in doc["attempts"]] == [7]
+    assert doc["streaming"]["chunks"] == 2  # frames 0-3, then 4-6 and the pad
 
 
 def test_compare_report_writes_markdown_and_png(tiny, clip_24fps, tmp_path, capsys):

@@ -21,7 +21,7 @@ from streamchat.video import Sampling, VideoSource, sha256_file
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load("tiny-random")
+    return load("tiny-random", device="cpu", dtype="float32")  # pinned: the default is a GPU where there is one
 
 
 @pytest.fixture(scope="module")
