@@ -87,9 +87,20 @@ def config_from(args):
 
 
 def open_video(path: str, config):
+    """The video, checked; a file that decodes only in part is used, with one warning line on stderr."""
     from .video import VideoSource
 
-    return VideoSource(path, config.sampling)
+    source = VideoSource(path, config.sampling)
+    if source.warning:
+        print(f"streamchat: warning: {source.warning}", file=sys.stderr)
+    return source
+
+
+def check_budget(loaded, source, config) -> None:
+    """--max-new-tokens against the model's context, before any frame is encoded."""
+    from .budget import check_max_new_tokens, pair_tokens
+
+    check_max_new_tokens(loaded, config, pair_tokens(loaded, source.info.resized_height, source.info.resized_width))
 
 
 def load_model(args):
@@ -126,6 +137,7 @@ def progress_for(args, total: int, label: str, unit: str = "frames"):
 
 
 def cmd_ask(args) -> int:
+    from .session import frames_up_to
     from .stream import Stream
 
     config = config_from(args)
@@ -133,13 +145,10 @@ def cmd_ask(args) -> int:
     if not question:
         raise UserError("the question is empty; pass a question about the video in quotes")
     source = open_video(args.video, config)
-    if args.at is not None and (args.at < 0 or args.at > source.info.duration_s + 1e-6):
-        raise UserError(f"--at {args.at} is outside the video (0 to {source.info.duration_s:.2f} s); pick a time inside it")
+    target = frames_up_to(source, args.at, flag=f"--at {args.at:g}" if args.at is not None else "--at")
     loaded = load_model(args)
+    check_budget(loaded, source, config)
     stream = Stream(loaded, source, config)
-    target = stream.frames_at(args.at)
-    if target == 0:
-        raise UserError(f"no frames sampled at or before --at {args.at}; pick a later time")
     bar = progress_for(args, target, "encoding")
     if args.mode == "streaming":
         stream.encode_until(target, pad_tail=True, on_chunk=lambda c: bar.update(c.frame_last + 1))
@@ -161,6 +170,8 @@ def cmd_ask(args) -> int:
         "model": loaded.model_id,
         "at_s": args.at,
         "frames": ans.frames_seen,
+        "last_frame_s": source.plan[ans.frames_seen - 1][1],  # the video second of the last frame it saw
+        **source.info.to_json(),
         **ans.to_json(),
     }
     text = f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total]"
@@ -176,6 +187,7 @@ def cmd_compare(args) -> int:
         raise UserError("the question is empty; pass --question with a question about the video")
     source = open_video(args.video, config)
     loaded = load_model(args)
+    check_budget(loaded, source, config)
     bar = progress_for(args, len(source.plan), "encoding")
     report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1))
     bar.close()
