@@ -87,13 +87,16 @@ def config_from(args):
 
 
 def open_video(path: str, config):
-    """The video, checked; a file that decodes only in part is used, with one warning line on stderr."""
     from .video import VideoSource
 
-    source = VideoSource(path, config.sampling)
-    if source.warning:
-        print(f"streamchat: warning: {source.warning}", file=sys.stderr)
-    return source
+    return VideoSource(path, config.sampling)
+
+
+def warn(message: str | None) -> None:
+    """One warning line on stderr (a file that decodes only in part is used, and says so), printed once
+    the input has passed its checks, so that a refusal stays a single line."""
+    if message:
+        print(f"streamchat: warning: {message}", file=sys.stderr)
 
 
 def check_budget(loaded, source, config) -> None:
@@ -148,6 +151,7 @@ def cmd_ask(args) -> int:
     target = frames_up_to(source, args.at, flag=f"--at {args.at:g}" if args.at is not None else "--at")
     loaded = load_model(args)
     check_budget(loaded, source, config)
+    warn(source.warning)
     stream = Stream(loaded, source, config)
     bar = progress_for(args, target, "encoding")
     if args.mode == "streaming":
@@ -188,6 +192,7 @@ def cmd_compare(args) -> int:
     source = open_video(args.video, config)
     loaded = load_model(args)
     check_budget(loaded, source, config)
+    warn(source.warning)
     bar = progress_for(args, len(source.plan), "encoding")
     report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1))
     bar.close()

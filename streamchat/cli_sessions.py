@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_engine_options, add_output_options, add_video_options, config_from, emit, open_video, progress_for
+from .cli import Parser, add_engine_options, add_output_options, add_video_options, config_from, emit, open_video, progress_for, warn
 from .errors import UserError
 
 
@@ -179,17 +179,19 @@ def cmd_run(args) -> int:
                 raise UserError(f"a session named {args.session!r} already exists; pick another --session or `streamchat resume {args.session}`")
         loaded = load_model(args)
         with LiveSession.create(loaded, source, config, name=args.session, store=store) as live:
+            warn(source.warning)
             return _drive(args, live, asks)
 
 
 def cmd_resume(args) -> int:
-    from .session import Ask, LiveSession
+    from .session import Ask, LiveSession, check_schedule
 
     from .store import Store
 
     asks = [Ask.parse(a) for a in args.ask]
     with Store() as store:
         with LiveSession.resume(args.name, load_model=_loader(args), video=args.video, snapshot=args.from_snapshot, store=store) as live:
+            check_schedule(live.stream.source, asks, args.until, live.stream.next_frame)  # refusals before warnings
             for w in live.warnings:
                 _warn(w)
             return _drive(args, live, asks)

@@ -98,10 +98,10 @@ def make_clip(
     rate = Fraction(fps).limit_denominator(1001)
     # pts in ticks of 1/fps; with `times`, each frame's own tick
     ticks = list(range(n)) if times is None else [round(t * rate) for t in times]
-    if times is not None and (n < 1 or any(b <= a for a, b in zip(ticks, ticks[1:]))):
-        raise ValueError("times must be increasing and at least 1/fps apart")
     if times is not None and any(abs(t * rate - k) > 1e-6 for t, k in zip(times, ticks)):
         raise ValueError(f"times must lie on the 1/{fps:g} s grid")
+    if times is not None and (n < 1 or any(b <= a for a, b in zip(ticks, ticks[1:]))):
+        raise ValueError("times must be increasing")
     lasts = [b - a for a, b in zip(ticks, ticks[1:])]
     durations = dict(zip(ticks, lasts + [lasts[-1] if lasts else 1]))  # pts -> ticks the frame lasts
 

@@ -23,6 +23,7 @@ from streamchat.migrations import migrate
 from streamchat.session import Ask, LiveSession, Pacer, run_schedule
 from streamchat.store import Store
 from test_store import seed_m001_rows
+from test_video import VFR_TIMES, cut_clip
 from streamchat.video import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +187,78 @@ def test_ask_parsing_and_schedule_errors(home, clip_24fps, capsys, load_calls):
     assert "no snapshot to resume from" in error_line(capsys, "resume", "taken")
     assert "no session named nope" in error_line(capsys, "resume", "nope")
     assert load_calls == [("tiny-random", "auto")]  # bad input never loads the model
+
+
+# --- frames and time ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("at", "frames"), [(0, 1), (1, 5), (2, 9)])
+def test_ask_run_and_resume_see_the_same_frames_up_to_a_time(home, clip_24fps, capsys, at, frames):
+    # 4 fps: frames at 0, 0.25, ... 2.75 s. A question at T sees those up to T, an odd count's last
+    # frame paired with itself, whichever command asks it.
+    asked = cli_json(capsys, "ask", clip_24fps, "What is red?", "--at", at, *ENGINE)
+    run = cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", f"{at}:What is red?", "--session", "run")
+    [turn] = run["turns"]
+    assert asked["frames"] == turn["frames_seen"] == frames and turn["at_s"] == at
+    assert asked["last_frame_s"] == at and asked["token_ids"] == turn["token_ids"]
+    if at >= 0.25:  # a resume from the first pair (0 and 0.25 s) on
+        assert cli_json(capsys, "run", clip_24fps, *ENGINE, "--until", 0.3, "--session", "part", "--snapshot")["frames"] == 2
+        [again] = cli_json(capsys, "resume", "part", "--ask", f"{at}:What is red?")["turns"]
+        assert (again["frames_seen"], again["at_s"], again["token_ids"]) == (frames, at, turn["token_ids"])
+
+
+def test_resume_refuses_a_time_its_stream_has_passed(home, clip_24fps, capsys):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--session", "whole", "--snapshot")
+    err = error_line(capsys, "resume", "whole", "--ask", "1:What is red?")
+    assert "--ask 1:…: the stream already holds 12 frames, up to 2.75 s, past 1 s; ask at 2.75 s or later, or without a time" in err
+    [turn] = cli_json(capsys, "resume", "whole", "--ask", "What is red?")["turns"]  # asked where the stream is
+    assert (turn["at_s"], turn["frames_seen"]) == (2.75, 12)
+    with Store() as store:
+        assert [t["at_s"] for t in store.turns(store.get_session("whole")["id"])] == [2.75]
+
+
+def test_ask_at_7_on_a_variable_rate_video_sees_the_frames_up_to_7_s(home, tmp_path, capsys):
+    clip = make_clip(tmp_path / "vfr.mp4", fps=30, times=VFR_TIMES, width=112, height=112)
+    doc = cli_json(capsys, "ask", clip, "What moved?", "--at", 7, "--model", "tiny-random", "--fps", 2, "--max-new-tokens", 4)
+    # a frame every half second of the frames' own time: 0, 0.5, ... 7.0 s (index / average fps would
+    # end at frame 86, 86 / 12.4 = 6.94 s, really 6.33 s); the video is 7.5 s long
+    assert (doc["frames"], doc["last_frame_s"], doc["decodable_duration_s"], doc["truncated"]) == (15, 7.0, 7.5, False)
+
+
+def test_a_truncated_video_is_used_with_one_warning_line_and_its_durations_in_json(home, tmp_path, capsys):
+    cut = cut_clip(tmp_path)
+    warning = ("streamchat: warning: cut.mp4: only the first 2.00 s of 4.00 s decode (48 of 96 frames), the file is "
+               "truncated or damaged; streamchat uses those 2.00 s (re-download the file for the rest)\n")
+    durations = {"decodable_duration_s": 2.0, "container_duration_s": 4.0, "decodable_frames": 48, "container_frames": 96, "truncated": True}
+    rc, out, err = cli(capsys, "ask", cut, "What moved?", *ENGINE, "--json")
+    assert rc == 0 and err == warning
+    doc = json.loads(out)
+    assert {k: doc[k] for k in durations} == durations and doc["frames"] == 8  # 4 fps up to 2 s
+    rc, out, err = cli(capsys, "run", cut, *ENGINE, "--until", 1, "--json")
+    assert rc == 0 and err == warning and {k: json.loads(out)[k] for k in durations} == durations
+    assert "--at 3 is past the end of cut.mp4 (2.00 s; only 2.00 s of its 4.00 s decode)" in error_line(capsys, "ask", cut, "Q?", "--at", 3, *ENGINE)
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_before_any_frame_is_encoded(home, clip_24fps, capsys, tiny, tmp_path):
+    from streamchat.config import SessionConfig
+    from streamchat.stream import Stream
+    from streamchat.video import Sampling, VideoSource
+
+    for command in (["ask", clip_24fps, "Q?"], ["run", clip_24fps], ["compare", clip_24fps]):
+        err = error_line(capsys, *command, "--model", "tiny-random", "--max-new-tokens", 40000)
+        assert "--max-new-tokens 40000 does not fit: tiny-random has a context of 32768 tokens" in err
+    with Store() as store:
+        assert store.list_sessions() == []  # run refused before it made a session
+    room = int(err.split("use --max-new-tokens ")[1].split()[0])
+    # the bound is tight: with `room` answer tokens, one frame pair and a one-token question fill the context
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=4), max_new_tokens=room).validate()
+    stream = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
+    stream.encode_until(2)
+    ids = stream.engine.question_ids("x")
+    assert stream.engine.cache_tokens + len(ids) + room == 32768
+    assert f"--max-new-tokens {room + 1} does not fit" in error_line(capsys, "ask", clip_24fps, "x", "--model", "tiny-random", "--max-new-tokens", room + 1)
+    # a refusal is the only line on stderr, even for a file that would get a warning
+    assert "does not fit" in error_line(capsys, "ask", cut_clip(tmp_path), "x", "--model", "tiny-random", "--max-new-tokens", room + 1)
 
 
 # --- faults -------------------------------------------------------------------------------------
