@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer one question about a video", description="Encode the video up to --at and answer one question.")
     p.add_argument("video", help="video file")
     p.add_argument("question", help="the question, in quotes")
-    p.add_argument("--at", type=float, default=None, help="answer with the frames up to this second (default: the whole video)")
+    p.add_argument("--at", type=float, default=None, help="answer with every sampled frame whose timestamp is up to this second, as `run --ask T:Q` does (default: the whole video)")
     p.add_argument("--mode", choices=["streaming", "offline"], default="streaming", help="streaming: chunked cache; offline: one whole-video prefill (default: streaming)")
     add_video_options(p)
     add_engine_options(p)

@@ -16,9 +16,9 @@ def _warn(message: str) -> None:
 
 def _add_schedule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ask", action="append", default=[], metavar="T:QUESTION",
-                   help="ask QUESTION once the stream has encoded every frame up to T seconds; repeat for more; "
-                        "a T the stream has already passed is asked at once; "
-                        "without T: after the last frame this command encodes (default: no questions)")
+                   help="ask QUESTION with every sampled frame up to T seconds, as `ask --at T` sees them (an odd "
+                        "last frame is paired with itself); repeat for more; a T a resumed stream has already passed "
+                        "is refused; without T: after the last frame this command encodes (default: no questions)")
     p.add_argument("--until", type=float, default=None, metavar="T", help="stop encoding at T seconds of the video (default: the end of the video)")
     p.add_argument("--realtime", action="store_true", help="pace encoding at the video's own speed (default: off, as fast as possible)")
     p.add_argument("--snapshot", action="store_true", help="save the KV cache and stream state at the end, so the session can be resumed (default: off)")
