@@ -91,7 +91,7 @@ class LiveSession:
         self.dialogue: list[dict] = list(dialogue or [])  # {at_s, question, token_ids}, what the snapshot keeps
         self.restored_from: snapshots.Snapshot | None = snapshot
         self.warnings: list[str] = snapshot.version_warnings() if snapshot is not None else []
-        if stream.source.warning:  # resume opens the video itself: say what a fresh run would say
+        if stream.source.warning:  # a partly decodable video: for resume and the app to show
             self.warnings.append(stream.source.warning)
         self.turn_records: list[dict] = []  # turns asked by this process, as `run --json` prints them
         self.last_turn_id: str | None = None
