@@ -125,6 +125,20 @@ def open_video(path: str, config):
     return VideoSource(path, config.sampling)
 
 
+def warn(message: str | None) -> None:
+    """One warning line on stderr (a file that decodes only in part is used, and says so), printed once
+    the input has passed its checks, so that a refusal stays a single line."""
+    if message:
+        print(f"streamchat: warning: {message}", file=sys.stderr)
+
+
+def check_context(loaded, source, config) -> None:
+    """--max-new-tokens against the model's context, before any frame is encoded."""
+    from .context import check_max_new_tokens, pair_tokens
+
+    check_max_new_tokens(loaded, config, pair_tokens(loaded, source.info.resized_height, source.info.resized_width))
+
+
 def load_model(args):
     """Load --model, saying so on a TTY (a hub model can take a while: download, or the hub's timeouts)."""
     from .models import load
@@ -159,6 +173,7 @@ def progress_for(args, total: int, label: str, unit: str = "frames"):
 
 
 def cmd_ask(args) -> int:
+    from .session import frames_up_to
     from .stream import Stream
 
     config = config_from(args)
@@ -166,12 +181,10 @@ def cmd_ask(args) -> int:
     if not question:
         raise UserError("the question is empty; pass a question about the video in quotes")
     source = open_video(args.video, config)
-    if args.at is not None and (args.at < 0 or args.at > source.info.duration_s + 1e-6):
-        raise UserError(f"--at {args.at} is outside the video (0 to {source.info.duration_s:.2f} s); pick a time inside it")
-    target = source.frames_until(args.at) if args.at is not None else len(source.plan)
-    if target == 0:
-        raise UserError(f"no frames sampled at or before --at {args.at}; pick a later time")
+    target = frames_up_to(source, args.at, flag=f"--at {args.at:g}" if args.at is not None else "--at")
     loaded = load_model(args)
+    check_context(loaded, source, config)
+    warn(source.warning)
     if args.mode == "streaming":
         stream = Stream(loaded, source, config, frames=target)
         tell_budget(args, stream.budget)
@@ -199,6 +212,8 @@ def cmd_ask(args) -> int:
         "at_s": args.at,
         "frames": ans.frames_seen,
         "memory": stream.budget.to_json() if args.mode == "streaming" else None,
+        "last_frame_s": source.plan[ans.frames_seen - 1][1],  # the video second of the last frame it saw
+        **source.info.to_json(),
         **ans.to_json(),
     }
     text = f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total]"
@@ -214,6 +229,8 @@ def cmd_compare(args) -> int:
         raise UserError("the question is empty; pass --question with a question about the video")
     source = open_video(args.video, config)
     loaded = load_model(args)
+    check_context(loaded, source, config)
+    warn(source.warning)
     bar = progress_for(args, len(source.plan), "encoding")
     report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1))
     bar.close()
@@ -255,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer one question about a video", description="Encode the video up to --at and answer one question.")
     p.add_argument("video", help="video file")
     p.add_argument("question", help="the question, in quotes")
-    p.add_argument("--at", type=float, default=None, help="answer with the frames up to this second (default: the whole video)")
+    p.add_argument("--at", type=float, default=None, help="answer with every sampled frame whose timestamp is up to this second, as `run --ask T:Q` does (default: the whole video)")
     p.add_argument("--mode", choices=["streaming", "offline"], default="streaming", help="streaming: chunked cache; offline: one whole-video prefill (default: streaming)")
     add_video_options(p)
     add_engine_options(p)

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_engine_options, add_output_options, add_video_options, config_from, emit, open_video, progress_for
+from .cli import Parser, add_engine_options, add_output_options, add_video_options, config_from, emit, open_video, progress_for, warn
 from .errors import UserError
 
 
@@ -16,9 +16,9 @@ def _warn(message: str) -> None:
 
 def _add_schedule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ask", action="append", default=[], metavar="T:QUESTION",
-                   help="ask QUESTION once the stream has encoded every frame up to T seconds; repeat for more; "
-                        "a T the stream has already passed is asked at once; "
-                        "without T: after the last frame this command encodes (default: no questions)")
+                   help="ask QUESTION with every sampled frame up to T seconds, as `ask --at T` sees them (an odd "
+                        "last frame is paired with itself); repeat for more; a T a resumed stream has already passed "
+                        "is refused; without T: after the last frame this command encodes (default: no questions)")
     p.add_argument("--until", type=float, default=None, metavar="T", help="stop encoding at T seconds of the video (default: the end of the video)")
     p.add_argument("--realtime", action="store_true", help="pace encoding at the video's own speed (default: off, as fast as possible)")
     p.add_argument("--snapshot", action="store_true", help="save the KV cache and stream state at the end, so the session can be resumed (default: off)")
@@ -179,17 +179,19 @@ def cmd_run(args) -> int:
                 raise UserError(f"a session named {args.session!r} already exists; pick another --session or `streamchat resume {args.session}`")
         loaded = load_model(args)
         with LiveSession.create(loaded, source, config, name=args.session, store=store) as live:
+            warn(source.warning)
             return _drive(args, live, asks)
 
 
 def cmd_resume(args) -> int:
-    from .session import Ask, LiveSession
+    from .session import Ask, LiveSession, check_schedule
 
     from .store import Store
 
     asks = [Ask.parse(a) for a in args.ask]
     with Store() as store:
         with LiveSession.resume(args.name, load_model=_loader(args), video=args.video, snapshot=args.from_snapshot, store=store) as live:
+            check_schedule(live.stream.source, asks, args.until, live.stream.next_frame)  # refusals before warnings
             for w in live.warnings:
                 _warn(w)
             return _drive(args, live, asks)

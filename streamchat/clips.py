@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -75,11 +76,15 @@ def make_clip(
     height: int = 224,
     seed: int = 0,
     faststart: bool = False,
+    times: Sequence[float] | None = None,
 ) -> Path:
     """Write a deterministic libx264/yuv420p mp4 with moving content; return its path.
 
     faststart puts the index (moov) first, so a truncated copy still opens and its
     container over-reports the frame count: the case VideoSource must survive.
+    times gives each frame its own timestamp in seconds (a variable frame rate; they must
+    lie on the 1/fps grid, and `seconds` is then ignored); the last frame lasts as long
+    as the one before it.
     """
     import av  # lazy: only tests and demos need PyAV
 
@@ -89,19 +94,34 @@ def make_clip(
         raise ValueError(f"seconds and fps must be positive; got {seconds}, {fps}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    n = max(round(seconds * fps), 1)
+    n = max(round(seconds * fps), 1) if times is None else len(times)
     rate = Fraction(fps).limit_denominator(1001)
+    # pts in ticks of 1/fps; with `times`, each frame's own tick
+    ticks = list(range(n)) if times is None else [round(t * rate) for t in times]
+    if times is not None and any(abs(t * rate - k) > 1e-6 for t, k in zip(times, ticks)):
+        raise ValueError(f"times must lie on the 1/{fps:g} s grid")
+    if times is not None and (n < 1 or any(b <= a for a, b in zip(ticks, ticks[1:]))):
+        raise ValueError("times must be increasing")
+    lasts = [b - a for a, b in zip(ticks, ticks[1:])]
+    durations = dict(zip(ticks, lasts + [lasts[-1] if lasts else 1]))  # pts -> ticks the frame lasts
 
     options = {"movflags": "faststart"} if faststart else {}
     with av.open(str(path), mode="w", options=options) as container:
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.codec_context.time_base = 1 / rate
         # ultrafast keeps a 3 s clip well under 0.5 s; crf 18 keeps shapes crisp.
         stream.options = {"crf": "18", "preset": "ultrafast"}
+
+        def mux(packets) -> None:
+            for packet in packets:
+                if times is not None and packet.pts is not None:
+                    packet.duration = durations[packet.pts]
+                container.mux(packet)
+
         for i in range(n):
             frame = av.VideoFrame.from_ndarray(_frame(i, n, width, height, seed), format="rgb24")
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+            frame.pts, frame.time_base = ticks[i], 1 / rate
+            mux(stream.encode(frame))
+        mux(stream.encode())
     return path

@@ -51,6 +51,7 @@ def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, ques
     )
     report = {
         "video": str(source.info.path),
+        **source.info.to_json(),
         "model": loaded.model_id,
         "device": str(dev),
         "dtype": str(loaded.dtype).replace("torch.", ""),

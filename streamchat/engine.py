@@ -119,7 +119,7 @@ class Answer:
         }
 
 
-RESERVE_MARGIN = 256  # cache room kept beyond the planned video for a question and its answer
+RESERVE_MARGIN = 256  # buffer room kept beyond the planned stream, so a longer question rarely moves the buffers
 CAPTURED_QUESTION_TOKENS = 128  # question graphs captured when the cache is sized (longer: on first use)
 QUESTION_BUCKET = 16  # question prefills are padded to a multiple of this many tokens (see StreamEngine._prefill)
 
@@ -237,7 +237,10 @@ class StreamEngine:
         return self.cache.length
 
     def _answer_room(self) -> int:
-        return self.config.max_new_tokens + RESERVE_MARGIN
+        """What a question needs beside the stream at the least: the shortest question (closing the
+        video block, one token, opening the answer) and the longest answer. A stream planned with this
+        room can always be asked something; a longer question is refused at ask time with the numbers."""
+        return self.config.max_new_tokens + len(self.vocab.question("?", block_open=True))
 
     # --- planning -----------------------------------------------------------------------------
 
@@ -255,7 +258,8 @@ class StreamEngine:
         chunk_tokens = self.config.chunk_frames // 2 * per_pair
         planned = len(self.pending) + -(-total_frames // 2) * per_pair + self._answer_room()
         self.budget = resolve(self.config.memory, bytes_per_token=self.bytes_per_token, max_context=self.max_context,
-                              planned_tokens=planned, chunk_tokens=chunk_tokens, answer_room=self._answer_room())
+                              planned_tokens=planned, chunk_tokens=chunk_tokens,
+                              answer_room=self._answer_room() + RESERVE_MARGIN)  # bounded: room for real questions
         self.book.archive.host_budget = self.budget.host_bytes
         if self.budget.mode == "exact" and planned > self.budget.working_tokens:
             seconds = total_frames / self.fps
@@ -269,7 +273,7 @@ class StreamEngine:
         self.planned_frames = total_frames if self.budget.mode == "exact" else None
         if self.bounded:
             self.book.reserve(-(-total_frames // 2), hf.text_config(self.model), self.loaded.device)
-        tokens = min(planned, self.max_context + RESERVE_MARGIN) if self.budget.mode == "exact" else self.budget.gpu_tokens
+        tokens = min(planned + RESERVE_MARGIN, self.max_context + RESERVE_MARGIN) if self.budget.mode == "exact" else self.budget.gpu_tokens
         self.cache.reserve(tokens)
         if self.loaded.device.type == "cuda":
             self._prepare_buffers(chunk_tokens)
@@ -364,7 +368,7 @@ class StreamEngine:
             # the whole video's cache at once: buffers that never move keep the decode graph and cuDNN's
             # plans valid, and the peak is what the finished cache needs anyway
             pairs_left = -(-max(self.planned_frames - (first + n_real), 0) // 2)
-            need = self.cache_tokens + pairs_left * h * w + self._answer_room()
+            need = self.cache_tokens + pairs_left * h * w + self._answer_room() + RESERVE_MARGIN
             if self.cache.reserve(min(need, self.max_context + RESERVE_MARGIN)) and dev.type == "cuda":
                 self._prepare_buffers(video.shape[0])  # new buffers (a restored snapshot, say)
         plan = list(range(first, first + n_real)) + ([first + n_real - 1] if padded else [])

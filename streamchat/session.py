@@ -22,7 +22,7 @@ from .errors import UserError
 from .models import Loaded
 from .store import Store, home
 from .stream import Stream
-from .video import VideoSource, sha256_file
+from .video import TIME_EPS, VideoSource, sha256_file
 
 FIRST_TOP = 8  # first-step logits kept per turn (ids and values) so a replay can say how close it came
 _SNAPSHOT_RE = re.compile(r"^snapshot-(\d+)\.safetensors$")
@@ -91,6 +91,8 @@ class LiveSession:
         self.dialogue: list[dict] = list(dialogue or [])  # {at_s, question, token_ids}, what the snapshot keeps
         self.restored_from: snapshots.Snapshot | None = snapshot
         self.warnings: list[str] = snapshot.version_warnings() if snapshot is not None else []
+        if stream.source.warning:  # a partly decodable video: for resume and the app to show
+            self.warnings.append(stream.source.warning)
         self.turn_records: list[dict] = []  # turns asked by this process, as `run --json` prints them
         self.last_turn_id: str | None = None
         self.last_snapshot: dict | None = None
@@ -101,6 +103,9 @@ class LiveSession:
     @classmethod
     def create(cls, loaded: Loaded, source: VideoSource, config: SessionConfig, *, name: str | None = None, store: Store | None = None) -> "LiveSession":
         """A new session row for `source` and a fresh stream."""
+        from .context import check_max_new_tokens, pair_tokens
+
+        check_max_new_tokens(loaded, config, pair_tokens(loaded, source.info.resized_height, source.info.resized_width))
         owns = store is None
         store = store or Store()
         try:
@@ -257,6 +262,16 @@ class LiveSession:
                 break
         return out
 
+    def encode_for_question(
+        self, seconds: float | None, *, pacer: Pacer | None = None, on_chunk: Callable[[ChunkStats], None] | None = None
+    ) -> int:
+        """Encode what a question at video second `seconds` sees, by `frames_up_to` (an odd last frame
+        is paired with itself); return that frame count. UserError if the stream is already past it."""
+        what = "the question's time" if seconds is None else f"a question at {seconds:g} s"
+        count = frames_up_to(self.stream.source, seconds, flag=what, frames_seen=self.stream.next_frame)
+        self.encode_to(seconds, pad_tail=True, pacer=pacer, on_chunk=on_chunk)
+        return count
+
     # --- asking -----------------------------------------------------------------------------------
 
     def ask(self, question: str, at_s: float | None = None, on_token: Callable[[int], None] | None = None) -> Answer:
@@ -323,6 +338,7 @@ class LiveSession:
         return {
             "session": self.name,
             "video": self.session["video_path"],
+            **self.stream.source.info.to_json(),
             "model": self.loaded.model_id,
             "history": self.config.history,
             "frames": self.engine.frames_seen,
@@ -375,26 +391,51 @@ def check_video(session: dict, video: str | None = None) -> Path:
     return path.resolve()
 
 
+def frames_up_to(source: VideoSource, seconds: float | None, *, flag: str, frames_seen: int = 0) -> int:
+    """How many planned frames a question at video second `seconds` sees (None: the whole plan).
+
+    The one rule for "the frames up to T", shared by `ask --at`, `run --ask`, `resume --ask` and the
+    app: every sampled frame whose own timestamp is <= T. Frames reach the model in pairs, so the
+    stream encodes them with `pad_tail=True`: an odd count repeats its last frame once, as the HF video
+    processor pads, and the frame at T is never left waiting for a partner from after T.
+    UserError (naming `flag`) when T is outside the video, no frame is that early, or the stream
+    already holds `frames_seen` frames, more than T allows (its cache cannot forget them).
+    """
+    plan, info = source.plan, source.info
+    if seconds is None:
+        return len(plan)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise UserError(f"{flag}: the time must be 0 or more seconds")
+    if seconds > info.duration_s + TIME_EPS:
+        decodes = f"; only {info.duration_s:.2f} s of its {info.container_duration_s:.2f} s decode" if info.truncated else ""
+        raise UserError(
+            f"{flag} is past the end of {info.path.name} ({info.duration_s:.2f} s{decodes}); ask at a time inside it"
+        )
+    count = source.frames_until(seconds)
+    if count == 0:
+        raise UserError(f"{flag}: no frame is sampled at or before {seconds:g} s (the first is at {plan[0][1]:g} s); ask at {plan[0][1]:g} s or later")
+    if count < frames_seen:
+        held = plan[frames_seen - 1][1]
+        raise UserError(
+            f"{flag}: the stream already holds {frames_seen} frames, up to {held:g} s, past {seconds:g} s; "
+            f"ask at {held:g} s or later, or without a time"
+        )
+    return count
+
+
 def check_schedule(source: VideoSource, asks: list[Ask], until: float | None, frames_seen: int = 0) -> list[Ask]:
-    """Validate the questions against the video and --until; return them in the order they will be asked."""
-    info, plan = source.info, source.plan
+    """Validate the questions against the video, --until and what the stream already holds (by
+    `frames_up_to`); return them in the order they will be asked."""
     if until is not None and (not math.isfinite(until) or until < 0):
         raise UserError(f"--until must be 0 or more seconds; got {until:g}")
     for a in asks:
-        if a.at_s is not None and a.at_s > info.duration_s + 1e-6:
-            raise UserError(f"--ask {a.at_s:g}:… is past the end of the video ({info.duration_s:.2f} s); ask at a time inside it")
         if a.at_s is not None and until is not None and a.at_s > until + 1e-9:
             raise UserError(f"--ask {a.at_s:g}:… comes after --until {until:g}, where encoding stops; ask earlier or raise --until")
-    ordered = sorted(asks, key=lambda a: math.inf if a.at_s is None else a.at_s)
-    if ordered and frames_seen == 0:
-        first = ordered[0].at_s if ordered[0].at_s is not None else until
-        have = len(plan) if first is None else source.frames_until(first)
-        if have < 2 <= len(plan):
-            raise UserError(
-                f"only {have} frame is sampled by {first:g} s and frames go to the model in pairs; "
-                f"ask at {plan[1][1]:g} s or later"
-            )
-    return ordered
+        if a.at_s is not None:
+            frames_up_to(source, a.at_s, flag=f"--ask {a.at_s:g}:…", frames_seen=frames_seen)
+        elif until is not None:  # asked once the stream reaches --until: the same rule at that time
+            frames_up_to(source, until, flag=f"--until {until:g} (for --ask {a.question!r})", frames_seen=frames_seen)
+    return sorted(asks, key=lambda a: math.inf if a.at_s is None else a.at_s)
 
 
 def run_schedule(
@@ -408,9 +449,9 @@ def run_schedule(
 ) -> list[Answer]:
     """Stream to each question's time and ask it; then encode on to `until` (None: the video's end)."""
     answers = []
-    for a in check_schedule(live.stream.source, asks, until, live.engine.frames_seen):
+    for a in check_schedule(live.stream.source, asks, until, live.stream.next_frame):
         when = a.at_s if a.at_s is not None else until
-        live.encode_to(when, pacer=pacer, on_chunk=on_chunk)
+        live.encode_for_question(when, pacer=pacer, on_chunk=on_chunk)
         if pacer is not None and when is not None:
             pacer.wait_for(when)
         ans = live.ask(a.question, at_s=a.at_s)

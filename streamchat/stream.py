@@ -1,9 +1,9 @@
 """Drives a video source through the engine: chunk by chunk up to a time, with a hook per chunk.
 
 Shared by the headless commands, the app and the benchmark, so they all cut the video the same way:
-chunks of `chunk_frames`; a question mid-stream sees the largest even number of frames available
-(an odd frame waits for its pair); only the end of what will ever be encoded pads an odd frame by
-repeating it, as the HF video processor does.
+chunks of `chunk_frames`; an odd frame waits for its pair, except where a question needs it (every
+frame up to the question's time: session.frames_up_to) and at the end of what will ever be encoded,
+where it is repeated once, as the HF video processor pads.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ import numpy as np
 
 from streamchat.errors import UserError
 
+# decord gives frame times as float32 seconds (7.6e-6 s apart at 100 s, 6.1e-5 s at 600 s): a frame
+# "at" a time may be this far off either way, and no two real frames are this close.
+TIME_EPS = 1e-4
 
 
 def _fix(path: Path) -> str:
@@ -64,16 +67,51 @@ class Sampling:
 
 @dataclass(frozen=True)
 class VideoInfo:
-    """What was probed at open: the real frame count and the decode size."""
+    """What was probed at open: what really decodes, what the container claims, and the decode size."""
 
     path: Path
-    native_fps: float
+    native_fps: float  # the container's average rate; frame times come from the frames' own timestamps
     frame_count: int  # frames that really decode (probed), not the container's claim
-    duration_s: float
+    duration_s: float  # seconds that decode: from the first frame to the end of the last decodable one
     width: int  # source size
     height: int
     resized_width: int  # after smart_resize (multiples of 28)
     resized_height: int
+    container_duration_s: float | None = None  # the container's claim (None: it makes none)
+    container_frames: int | None = None  # the container's frame count (None: it gives none)
+
+    @property
+    def truncated(self) -> bool:
+        """Less decodes than the container claims: frames it indexes fail, or its duration runs on
+        by more than a frame or two (0.25 s at least: an audio track may outlast the video)."""
+        if self.container_frames is not None and self.frame_count < self.container_frames:
+            return True
+        if self.container_duration_s is None:
+            return False
+        slack = max(2 * self.duration_s / self.frame_count, 0.25)
+        return self.container_duration_s - self.duration_s > slack
+
+    def truncation_warning(self) -> str | None:
+        """One line saying how much of a partly decodable file is used, or None if all of it decodes."""
+        if not self.truncated:
+            return None
+        claimed = max(self.container_duration_s or 0.0, self.duration_s)
+        frames = f" ({self.frame_count} of {self.container_frames} frames)" if self.container_frames else ""
+        return (
+            f"{self.path.name}: only the first {self.duration_s:.2f} s of {claimed:.2f} s decode{frames}, "
+            f"the file is truncated or damaged; streamchat uses those {self.duration_s:.2f} s "
+            f"(re-download the file for the rest)"
+        )
+
+    def to_json(self) -> dict:
+        """The durations `--json` output reports for the video."""
+        return {
+            "decodable_duration_s": round(self.duration_s, 6),
+            "container_duration_s": None if self.container_duration_s is None else round(self.container_duration_s, 6),
+            "decodable_frames": self.frame_count,
+            "container_frames": self.container_frames,
+            "truncated": self.truncated,
+        }
 
 
 @dataclass
@@ -179,17 +217,30 @@ class VideoSource:
         if last < 0:
             raise UserError(f"{self.path}: no frame decodes, the file is truncated or corrupt; {_fix(self.path)}")
 
+        indexed = len(self._vr)
+        self.times, end_s = _frame_times(self._vr, last + 1, native_fps)
+        claimed, claimed_frames = _container_claim(self.path)
+        if indexed > last + 1:  # frames the container indexes past the last one that decodes
+            tail = float(self._vr.get_frame_timestamp([indexed - 1])[0, 1]) - float(self._vr.get_frame_timestamp([0])[0, 0])
+            claimed = max(claimed or 0.0, tail)
         self.info = VideoInfo(
             path=self.path,
             native_fps=native_fps,
             frame_count=last + 1,
-            duration_s=(last + 1) / native_fps,
+            duration_s=end_s,
             width=width,
             height=height,
             resized_width=resized_width,
             resized_height=resized_height,
+            container_duration_s=claimed,
+            container_frames=max(claimed_frames or 0, indexed),
         )
         self.plan: list[tuple[int, float]] = self._make_plan()
+
+    @property
+    def warning(self) -> str | None:
+        """A line to show the user about this file (today: that only part of it decodes), or None."""
+        return self.info.truncation_warning()
 
     def _open(self, width: int = -1, height: int = -1):
         """A decord VideoReader, with decord's failures turned into one-line UserErrors."""
@@ -212,35 +263,35 @@ class VideoSource:
             ) from e
 
     def _make_plan(self) -> list[tuple[int, float]]:
-        """(source frame index, seconds) of every sampled frame, derived from time so
-        that the container's frame count is never trusted."""
-        s, info = self.sampling, self.info
+        """(source frame index, seconds) of every sampled frame. --fps takes, every 1/fps seconds,
+        the frame on screen at that moment by the frames' own timestamps, so a variable-rate video
+        is sampled evenly in time; --stride takes every k-th decodable frame."""
+        s, info, times = self.sampling, self.info, self.times
         if s.start >= info.duration_s:
             raise UserError(
                 f"--start {s.start:g}s is past the end of {self.path.name} ({info.duration_s:.2f}s long); "
                 f"use a start below {info.duration_s:.2f}"
             )
         end = info.duration_s if s.duration is None else min(s.start + s.duration, info.duration_s)
-        last = info.frame_count - 1
-        fps = info.native_fps
+        on_screen = lambda t: bisect.bisect_right(times, t + TIME_EPS) - 1  # noqa: E731 - times[0] is 0
         indices: list[int] = []
         if s.fps is not None:
             i = 0
             while (t := s.start + i / s.fps) < end:
-                indices.append(min(math.floor(t * fps + 1e-6), last))  # 1e-6: 0.5 s * 24 fps is frame 12, not 11
+                indices.append(on_screen(t))
                 i += 1
         else:
-            index = min(math.floor(s.start * fps + 1e-6), last)
-            while index <= last and index / fps < end:
+            index = on_screen(s.start)
+            while index < len(times) and times[index] < end - TIME_EPS:
                 indices.append(index)
                 index += s.stride
         if s.max_frames is not None:
             indices = indices[: s.max_frames]
-        return [(index, index / fps) for index in indices]
+        return [(index, times[index]) for index in indices]
 
     def frames_until(self, seconds: float) -> int:
         """How many planned frames have a timestamp <= seconds."""
-        return bisect.bisect_right(self.plan, seconds + 1e-9, key=lambda planned: planned[1])
+        return bisect.bisect_right(self.plan, seconds + TIME_EPS, key=lambda planned: planned[1])
 
     def read(self, first: int, count: int) -> np.ndarray:
         """Planned frames [first, first + count) as uint8 [count, H, W, 3]."""
@@ -428,6 +479,45 @@ def _probe_last_decodable(reopen: Callable[[], Any]) -> tuple[int, Any]:
         else:
             bad = mid
     return good, vr
+
+
+def _frame_times(vr, count: int, native_fps: float) -> tuple[list[float], float]:
+    """Start time of each of the first `count` frames, in seconds from the first frame, from the
+    container's timestamps; and the end of the last one. Without usable timestamps (none, or not
+    increasing) frames are taken as evenly spaced at the average rate."""
+    stamps = np.asarray(vr.get_frame_timestamp(list(range(count))), dtype=np.float64)  # [count, 2]: start, end
+    starts = stamps[:, 0] - stamps[0, 0]
+    end = stamps[-1, 1] - stamps[0, 0]
+    if not np.all(np.isfinite(stamps)) or (count > 1 and not starts[-1] > 0):
+        return [i / native_fps for i in range(count)], count / native_fps
+    starts = np.maximum.accumulate(starts)  # a stray out-of-order stamp must not break the bisections
+    if not end > starts[-1]:
+        end = starts[-1] + 1 / native_fps
+    return [round(float(t), 6) for t in starts], round(float(end), 6)
+
+
+def _container_claim(path: Path) -> tuple[float | None, int | None]:
+    """The video stream's length in seconds and its frame count as the container states them (its
+    header or index; None where it says nothing). decord counts only the packets it can read, which
+    for a cut file stop where the data stops; the header keeps what the file was written with."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            frames = stream.frames or None
+            if stream.duration:  # mp4, mov: the track's own length
+                return float(stream.duration * stream.time_base), frames
+            tag = stream.metadata.get("DURATION")  # mkv, webm: the track's end time, HH:MM:SS.fraction
+            if tag:
+                h, m, sec = tag.split(":")
+                start = float((stream.start_time or 0) * stream.time_base)
+                return int(h) * 3600 + int(m) * 60 + float(sec) - start, frames
+            if container.duration:  # the whole file's, audio included
+                return (container.duration - (container.start_time or 0)) / 1e6, frames
+            return None, frames
+    except Exception:  # noqa: BLE001 - only a claim to compare against; decord already read the file
+        return None, None
 
 
 _quieted = False

@@ -383,3 +383,17 @@ def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(
         assert worker._due() is True
     finally:
         worker.live.close()
+
+
+@aio
+async def test_a_partly_decodable_video_is_streamed_with_a_warning_in_the_chat(tiny, tmp_path):
+    from test_video import cut_clip
+
+    app, _ = make_app(tiny, cut_clip(tmp_path), name="cut")
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: any("warning: cut.mp4" in t for t in chat_texts(app)), what="the warning")
+        [line] = [t for t in chat_texts(app) if "warning:" in t]
+        assert "only the first 2.00 s of 4.00 s decode (48 of 96 frames)" in line
+        await until(pilot, lambda: app.state == "done", what="encoding done")
+    _, chunks, _ = session_row("cut")
+    assert chunks[-1]["frame_last"] == 7  # 4 fps up to 2 s: 8 frames, all of what decodes

@@ -30,6 +30,14 @@ def config(mode="bounded", budget="4096", retrieve=1024, history="drop", host="6
     )
 
 
+def room(tiny, max_new=8) -> int:
+    """What bounded memory keeps beside the working set for a question and its answer."""
+    from streamchat.engine import RESERVE_MARGIN
+    from streamchat.layout import Vocab
+
+    return max_new + RESERVE_MARGIN + len(Vocab(tiny.tokenizer, SessionConfig().system_prompt).question("?", block_open=True))
+
+
 def page_starts(e) -> list[tuple[int, int]]:
     """(page, first row) of every page in the engine's cache."""
     return [(sp.page, st) for st, sp in zip(e.cache.starts(), e.cache.spans) if sp.page is not None]
@@ -75,7 +83,7 @@ def test_every_page_retrieved_gives_the_exact_engines_answer(tiny, clip_24fps):
 
 
 def test_a_small_budget_bounds_the_cache_and_archives_every_page_exactly(tiny, clip_24fps):
-    cfg = config(budget=str(100 + 64 + 8 + 256), retrieve=64)  # working set 100 tokens
+    cfg = config(budget=str(100 + 64 + room(tiny)), retrieve=64)  # working set 100 tokens
     s = stream_of(tiny, clip_24fps, cfg)
     e = s.engine
     assert (e.budget.working_tokens, e.budget.retrieve_tokens) == (100, 64)
@@ -98,7 +106,7 @@ def test_a_small_budget_bounds_the_cache_and_archives_every_page_exactly(tiny, c
 def test_retrieval_reassembles_the_streams_kv_for_the_question(tiny, clip_24fps):
     """With a 100-token working set and retrieval of everything, the question sees the whole stream's
     KV (as encoded, drift included): the same logits as a stock prefill over that KV in stream order."""
-    s = stream_of(tiny, clip_24fps, config(budget=str(100 + 1024 + 8 + 256), retrieve=1024))
+    s = stream_of(tiny, clip_24fps, config(budget=str(100 + 1024 + room(tiny)), retrieve=1024))
     e = s.engine
     e.budget.working_tokens = 100
     s.encode_until(24)
@@ -129,7 +137,7 @@ def test_retrieval_reassembles_the_streams_kv_for_the_question(tiny, clip_24fps)
 
 
 def test_keep_mode_under_a_small_budget_answers_and_keeps_its_turns(tiny, clip_24fps):
-    s = stream_of(tiny, clip_24fps, config(budget=str(100 + 64 + 8 + 256), retrieve=64, history="keep"))
+    s = stream_of(tiny, clip_24fps, config(budget=str(100 + 64 + room(tiny)), retrieve=64, history="keep"))
     e = s.engine
     for at in (1.0, 2.0, 3.0):
         s.encode_until(s.frames_at(at))
@@ -216,13 +224,13 @@ def test_budgets_parse_and_refuse_what_cannot_work():
 
 def test_exact_memory_refuses_a_stream_it_cannot_hold_before_any_work(tiny, clip_24fps):
     with pytest.raises(UserError, match="exact memory cannot hold this stream: 24 frames .* Use --memory bounded"):
-        stream_of(tiny, clip_24fps, config(mode="exact", budget="300"))
+        stream_of(tiny, clip_24fps, config(mode="exact", budget="200"))
 
 
 def test_archive_spills_past_the_host_budget_and_answers_the_same(tiny, clip_24fps, tmp_path):
     answers = []
     for host, spill in (("64GiB", None), ("1KiB", tmp_path / "pages")):
-        s = stream_of(tiny, clip_24fps, config(budget=str(100 + 1024 + 8 + 256), retrieve=1024, host=host), spill_dir=spill)
+        s = stream_of(tiny, clip_24fps, config(budget=str(100 + 1024 + room(tiny)), retrieve=1024, host=host), spill_dir=spill)
         s.engine.budget.working_tokens = 100
         s.encode_until(24)
         archive = s.engine.book.archive

@@ -53,7 +53,7 @@ def test_replay_covers_turns_asked_after_a_resume(home, clip_24fps, capsys):
     cli_json(capsys, "resume", "r", "--ask", "2:What moved?", "--ask", "Is anything blue?")
     report = cli_json(capsys, "replay", "r")
     assert [t["identical"] for t in report["turns"]] == [True, True, True]
-    assert [t["frames_seen"] for t in report["turns"]] == [4, 8, 12]
+    assert [t["frames_seen"] for t in report["turns"]] == [5, 9, 12]  # every frame up to 1 s and 2 s, the last one paired with itself
 
 
 def test_replay_report_writes_markdown_with_a_png_beside_it(home, clip_24fps, capsys, tmp_path):

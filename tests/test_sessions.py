@@ -23,6 +23,7 @@ from streamchat.migrations import migrate
 from streamchat.session import Ask, LiveSession, Pacer, run_schedule
 from streamchat.store import Store
 from test_store import seed_m001_rows
+from test_video import VFR_TIMES, cut_clip
 from streamchat.video import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,26 +81,28 @@ def test_resumed_session_answers_exactly_like_an_uninterrupted_one(home, clip_24
     first = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", history, "--ask", Q1, "--until", 1, "--session", "part", "--snapshot")
     rest = cli_json(capsys, "resume", "part", "--ask", Q2, "--ask", Q3, "--snapshot")
 
-    assert first["frames"] == 4 and first["chunks"] == 1 and Path(first["snapshot"]).name == "snapshot-1.safetensors"
+    # 4 fps: frames at 0, 0.25, ... 2.75 s. Each question sees every frame up to its time, 5 by 1 s (the
+    # frame at 1 s paired with itself), 9 by 2 s, 11 by 2.5 s; chunks [0-3] [4+4] [5-8] [9-10] [11+11]
+    assert first["frames"] == 5 and first["chunks"] == 2 and Path(first["snapshot"]).name == "snapshot-1.safetensors"
     assert tokens(first) + tokens(rest) == tokens(full) and all(len(t) == 8 for t in tokens(full))
-    assert [t["frames_seen"] for t in first["turns"] + rest["turns"]] == [t["frames_seen"] for t in full["turns"]] == [4, 8, 10]
+    assert [t["frames_seen"] for t in first["turns"] + rest["turns"]] == [t["frames_seen"] for t in full["turns"]] == [5, 9, 11]
     assert [t["cache_tokens"] for t in first["turns"] + rest["turns"]] == [t["cache_tokens"] for t in full["turns"]]
-    assert (rest["frames"], rest["chunks"], rest["done"]) == (full["frames"], full["chunks"], True) == (12, 4, True)
+    assert (rest["frames"], rest["chunks"], rest["done"]) == (full["frames"], full["chunks"], True) == (12, 5, True)
     assert Path(rest["snapshot"]).name == "snapshot-2.safetensors" and rest["restored_from"] == first["snapshot"]
     # the two final caches are bit for bit the same
     a, b = load_file(full["snapshot"]), load_file(rest["snapshot"])
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     with Store() as store:  # resume re-encoded nothing and logged into the same session
         part = store.get_session("part")
-        assert len(store.chunks(part["id"])) == len(store.chunks(store.get_session("full")["id"])) == 4
+        assert len(store.chunks(part["id"])) == len(store.chunks(store.get_session("full")["id"])) == 5
         assert [t["question"] for t in store.turns(part["id"])] == ["What is red?", "What moved?", "Is anything blue?"]
-        assert [s["frames"] for s in store.snapshots(part["id"])] == [4, 12]
+        assert [s["frames"] for s in store.snapshots(part["id"])] == [5, 12]
 
 
 def test_resume_from_between_two_questions_gives_the_same_tokens(home, clip_24fps, capsys):
     full = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", "keep", "--ask", Q1, "--ask", Q2, "--ask", Q3, "--session", "full")
     first = cli_json(capsys, "run", clip_24fps, *ENGINE, "--history", "keep", "--ask", Q1, "--until", 1.6, "--session", "part", "--snapshot")
-    assert first["frames"] == 6  # 7 frames sampled by 1.6 s; the 7th waits for its pair
+    assert first["frames"] == 7  # 5 frames by the question at 1 s (the 5th paired with itself), then the pair at 1.25 and 1.5 s
     rest = cli_json(capsys, "resume", "part", "--ask", Q2, "--ask", Q3)
     assert tokens(first) + tokens(rest) == tokens(full)
 
@@ -118,14 +121,15 @@ def test_run_json_has_the_documented_fields_and_logs_every_event(home, clip_24fp
         assert s["video_sha256"] == sha256_file(clip_24fps) and s["config_fingerprint"] == streamchat.models.load("tiny-random").fingerprint
         assert s["config"]["sampling"]["fps"] == 4 and s["history"] == "drop"
         chunks = store.chunks(s["id"])
-        assert [(c["chunk_index"], c["frame_first"], c["frame_last"]) for c in chunks] == [(0, 0, 3), (1, 4, 7), (2, 8, 11)]
+        # the question at 1 s sees frame 4 (1.0 s), paired with itself; the odd last frame is padded too
+        assert [(c["chunk_index"], c["frame_first"], c["frame_last"]) for c in chunks] == [(0, 0, 3), (1, 4, 4), (2, 5, 8), (3, 9, 11)]
         turns = store.turns(s["id"])
         assert [t["token_ids"] for t in turns] == tokens(doc)
         prompt = turns[0]["extra"]["prompt"]
-        assert prompt[1] == {"frames": [0, 1, 2, 3], "grid": [4, 4]} and len(turns[0]["extra"]["first_top"]) == 8
+        assert prompt[1] == {"frames": [0, 1, 2, 3, 4, 4], "grid": [4, 4]} and len(turns[0]["extra"]["first_top"]) == 8
         [row] = store.snapshots(s["id"])
-        assert (row["bytes"], row["sha256"], row["chunks"], row["frames"]) == (snap.stat().st_size, sha256_file(snap), 3, 12)
-        print(f"3-chunk snapshot of 112x112 clip_24fps at 4 fps: {row['bytes']} bytes, {row['cache_tokens']} cache tokens")
+        assert (row["bytes"], row["sha256"], row["chunks"], row["frames"]) == (snap.stat().st_size, sha256_file(snap), 4, 12)
+        print(f"4-chunk snapshot of 112x112 clip_24fps at 4 fps: {row['bytes']} bytes, {row['cache_tokens']} cache tokens")
 
 
 def test_live_session_can_be_driven_step_by_step(home, clip_24fps, tiny):
@@ -163,24 +167,98 @@ def test_realtime_pacing_waits_for_each_chunk_and_question(home, clip_24fps, tin
     with LiveSession.create(tiny, VideoSource(clip_24fps, config.sampling), config) as live:
         pacer = Pacer(0.0, clock=lambda: clock[0], sleep=sleep)
         run_schedule(live, [Ask.parse("1.2:What?")], pacer=pacer)
-    # chunks end at 0.75 s, (question at 1.2 s after frames to 1.0 s), 1.75 s, 2.75 s
-    assert clock[0] == pytest.approx(2.75) and len(waits) == 4
-    assert waits[0] == pytest.approx(0.75) and sum(waits[:2]) == pytest.approx(1.2)
+    # chunks end at 0.75 s and 1.0 s (the frame at 1.0 s, paired with itself), the question at 1.2 s,
+    # then chunks end at 2.0 s and 2.75 s
+    assert clock[0] == pytest.approx(2.75) and len(waits) == 5
+    assert waits[:3] == pytest.approx([0.75, 0.25, 0.2]) and sum(waits[:4]) == pytest.approx(2.0)
 
 
 def test_ask_parsing_and_schedule_errors(home, clip_24fps, capsys, load_calls):
     assert Ask.parse("12.5:What is red?") == Ask(12.5, "What is red?")
     assert Ask.parse("What: a cat?") == Ask(None, "What: a cat?")
-    assert "past the end of the video" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "9:Q")
+    assert "--ask 9:… is past the end of clip24.mp4 (3.00 s)" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "9:Q")
     assert "after --until 1" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "2:Q", "--until", 1)
     assert "has no question" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "2:  ")
-    assert "ask at 0.25 s or later" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask", "0:Q")
+    assert "no frame is sampled at or before 0.5 s (the first is at 1 s); ask at 1 s or later" in error_line(
+        capsys, "run", clip_24fps, *ENGINE, "--start", 1, "--ask", "0.5:Q")
     assert "0 or more seconds" in error_line(capsys, "run", clip_24fps, *ENGINE, "--ask=-1:Q")
     cli_json(capsys, "run", clip_24fps, *ENGINE, "--session", "taken", "--until", 0.5)
     assert "already exists" in error_line(capsys, "run", clip_24fps, *ENGINE, "--session", "taken")
     assert "no snapshot to resume from" in error_line(capsys, "resume", "taken")
     assert "no session named nope" in error_line(capsys, "resume", "nope")
     assert load_calls == [("tiny-random", "auto")]  # bad input never loads the model
+
+
+# --- frames and time ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("at", "frames"), [(0, 1), (1, 5), (2, 9)])
+def test_ask_run_and_resume_see_the_same_frames_up_to_a_time(home, clip_24fps, capsys, at, frames):
+    # 4 fps: frames at 0, 0.25, ... 2.75 s. A question at T sees those up to T, an odd count's last
+    # frame paired with itself, whichever command asks it.
+    asked = cli_json(capsys, "ask", clip_24fps, "What is red?", "--at", at, *ENGINE)
+    run = cli_json(capsys, "run", clip_24fps, *ENGINE, "--ask", f"{at}:What is red?", "--session", "run")
+    [turn] = run["turns"]
+    assert asked["frames"] == turn["frames_seen"] == frames and turn["at_s"] == at
+    assert asked["last_frame_s"] == at and asked["token_ids"] == turn["token_ids"]
+    if at >= 0.25:  # a resume from the first pair (0 and 0.25 s) on
+        assert cli_json(capsys, "run", clip_24fps, *ENGINE, "--until", 0.3, "--session", "part", "--snapshot")["frames"] == 2
+        [again] = cli_json(capsys, "resume", "part", "--ask", f"{at}:What is red?")["turns"]
+        assert (again["frames_seen"], again["at_s"], again["token_ids"]) == (frames, at, turn["token_ids"])
+
+
+def test_resume_refuses_a_time_its_stream_has_passed(home, clip_24fps, capsys):
+    cli_json(capsys, "run", clip_24fps, *ENGINE, "--session", "whole", "--snapshot")
+    err = error_line(capsys, "resume", "whole", "--ask", "1:What is red?")
+    assert "--ask 1:…: the stream already holds 12 frames, up to 2.75 s, past 1 s; ask at 2.75 s or later, or without a time" in err
+    [turn] = cli_json(capsys, "resume", "whole", "--ask", "What is red?")["turns"]  # asked where the stream is
+    assert (turn["at_s"], turn["frames_seen"]) == (2.75, 12)
+    with Store() as store:
+        assert [t["at_s"] for t in store.turns(store.get_session("whole")["id"])] == [2.75]
+
+
+def test_ask_at_7_on_a_variable_rate_video_sees_the_frames_up_to_7_s(home, tmp_path, capsys):
+    clip = make_clip(tmp_path / "vfr.mp4", fps=30, times=VFR_TIMES, width=112, height=112)
+    doc = cli_json(capsys, "ask", clip, "What moved?", "--at", 7, "--model", "tiny-random", "--fps", 2, "--max-new-tokens", 4)
+    # a frame every half second of the frames' own time: 0, 0.5, ... 7.0 s (index / average fps would
+    # end at frame 86, 86 / 12.4 = 6.94 s, really 6.33 s); the video is 7.5 s long
+    assert (doc["frames"], doc["last_frame_s"], doc["decodable_duration_s"], doc["truncated"]) == (15, 7.0, 7.5, False)
+
+
+def test_a_truncated_video_is_used_with_one_warning_line_and_its_durations_in_json(home, tmp_path, capsys):
+    cut = cut_clip(tmp_path)
+    warning = ("streamchat: warning: cut.mp4: only the first 2.00 s of 4.00 s decode (48 of 96 frames), the file is "
+               "truncated or damaged; streamchat uses those 2.00 s (re-download the file for the rest)\n")
+    durations = {"decodable_duration_s": 2.0, "container_duration_s": 4.0, "decodable_frames": 48, "container_frames": 96, "truncated": True}
+    rc, out, err = cli(capsys, "ask", cut, "What moved?", *ENGINE, "--json")
+    assert rc == 0 and err == warning
+    doc = json.loads(out)
+    assert {k: doc[k] for k in durations} == durations and doc["frames"] == 8  # 4 fps up to 2 s
+    rc, out, err = cli(capsys, "run", cut, *ENGINE, "--until", 1, "--json")
+    assert rc == 0 and err == warning and {k: json.loads(out)[k] for k in durations} == durations
+    assert "--at 3 is past the end of cut.mp4 (2.00 s; only 2.00 s of its 4.00 s decode)" in error_line(capsys, "ask", cut, "Q?", "--at", 3, *ENGINE)
+
+
+def test_max_new_tokens_beyond_the_context_is_refused_before_any_frame_is_encoded(home, clip_24fps, capsys, tiny, tmp_path):
+    from streamchat.config import SessionConfig
+    from streamchat.stream import Stream
+    from streamchat.video import Sampling, VideoSource
+
+    for command in (["ask", clip_24fps, "Q?"], ["run", clip_24fps], ["compare", clip_24fps]):
+        err = error_line(capsys, *command, "--model", "tiny-random", "--max-new-tokens", 40000)
+        assert "--max-new-tokens 40000 does not fit: tiny-random has a context of 32768 tokens" in err
+    with Store() as store:
+        assert store.list_sessions() == []  # run refused before it made a session
+    room = int(err.split("use --max-new-tokens ")[1].split()[0])
+    # the bound is tight: with `room` answer tokens, one frame pair and a one-token question fill the context
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=4), max_new_tokens=room).validate()
+    stream = Stream(tiny, VideoSource(clip_24fps, config.sampling), config, frames=2)  # planned for what it encodes
+    stream.encode_until(2)
+    ids = stream.engine.question_ids("x")
+    assert stream.engine.cache_tokens + len(ids) + room == 32768
+    assert f"--max-new-tokens {room + 1} does not fit" in error_line(capsys, "ask", clip_24fps, "x", "--model", "tiny-random", "--max-new-tokens", room + 1)
+    # a refusal is the only line on stderr, even for a file that would get a warning
+    assert "does not fit" in error_line(capsys, "ask", cut_clip(tmp_path), "x", "--model", "tiny-random", "--max-new-tokens", room + 1)
 
 
 # --- faults -------------------------------------------------------------------------------------
@@ -243,7 +321,7 @@ def test_moved_video_names_the_old_path_and_resumes_with_video(part, clip_24fps,
         err = error_line(capsys, "resume", "part", "--ask", Q2)
         assert str(clip_24fps) in err and "--video NEW_PATH" in err
         doc = cli_json(capsys, "resume", "part", "--ask", Q2, "--video", moved, "--until", 2)
-        assert doc["video"] == str(moved) and doc["turns"][0]["frames_seen"] == 8
+        assert doc["video"] == str(moved) and doc["turns"][0]["frames_seen"] == 9
     finally:
         moved.rename(clip_24fps)
     with Store() as store:
@@ -288,10 +366,11 @@ def test_interrupt_keeps_what_was_logged_and_exits_130(home, clip_24fps, capsys,
 
     monkeypatch.setattr(LiveSession, "ask", interrupted)
     rc, out, err = cli(capsys, "run", clip_24fps, *ENGINE, "--ask", Q1, "--ask", Q2, "--session", "cut", "--json")
-    assert rc == 130 and out == "" and "session cut keeps what was logged (2 chunks, 1 turns)" in err
+    # chunks [0-3] [4+4] for the question at 1 s, [5-8] on the way to 2 s
+    assert rc == 130 and out == "" and "session cut keeps what was logged (3 chunks, 1 turns)" in err
     with Store() as store:
         s = store.get_session("cut")
-        assert len(store.chunks(s["id"])) == 2 and [t["question"] for t in store.turns(s["id"])] == ["What is red?"]
+        assert len(store.chunks(s["id"])) == 3 and [t["question"] for t in store.turns(s["id"])] == ["What is red?"]
 
 
 def test_killed_resume_keeps_its_rows_and_the_previous_snapshot_restores(part, home, capsys):
@@ -337,7 +416,7 @@ def test_killed_resume_keeps_its_rows_and_the_previous_snapshot_restores(part, h
             assert seen == sorted(seen)
             turns = store.turns(s["id"])
             assert [t["question"] for t in turns] == ["What is red?", "What moved?"]
-            assert [c["chunk_index"] for c in store.chunks(s["id"])] == [0, 1]  # chunk 1 (frames 4-7) came from the killed run
+            assert [c["chunk_index"] for c in store.chunks(s["id"])] == [0, 1, 2]  # chunk 2 (frames 5-7) came from the killed run
             assert len(store.snapshots(s["id"])) == 1 and not list((home / "part").glob("*.partial"))
         killed_answer = turns[1]["token_ids"]
     finally:
@@ -355,14 +434,14 @@ def test_killed_resume_keeps_its_rows_and_the_previous_snapshot_restores(part, h
 def test_sessions_list_show_export_and_rm(part, clip_24fps, home, capsys):
     cli_json(capsys, "resume", "part", "--ask", Q2, "--snapshot")
     listed = cli_json(capsys, "sessions")["sessions"]
-    assert [(r["name"], r["n_chunks"], r["n_turns"], r["n_snapshots"]) for r in listed] == [("part", 3, 2, 2)]
+    assert [(r["name"], r["n_chunks"], r["n_turns"], r["n_snapshots"]) for r in listed] == [("part", 4, 2, 2)]
     assert cli_json(capsys, "sessions", "list") == {"sessions": listed}
     rc, out, _ = cli(capsys, "sessions", "list")
     assert rc == 0 and out.splitlines()[1].startswith("part ") and clip_24fps.name in out
 
     shown = cli_json(capsys, "sessions", "show", "part")
     assert [t["question"] for t in shown["turns"]] == ["What is red?", "What moved?"]
-    assert [x["frames"] for x in shown["snapshots"]] == [4, 12] and shown["chunk_summary"]["count"] == 3
+    assert [x["frames"] for x in shown["snapshots"]] == [5, 12] and shown["chunk_summary"]["count"] == 4
     rc, out, _ = cli(capsys, "sessions", "show", "part")
     assert "snapshot 2:" in out and "What moved?" in out
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from pathlib import Path
 
 import av
 import numpy as np
@@ -88,6 +89,51 @@ def test_frames_until_counts_planned_frames_up_to_a_time(clip):
     assert src.frames_until(0.99) == 2
     assert src.frames_until(1.0) == 3
     assert src.frames_until(100.0) == 6
+
+
+# --- frame times from the container ---------------------------------------
+
+# 6 fps, then 30 fps from 3 s to 5 s, then 6 fps to 7.5 s: 18 + 60 + 15 = 93 frames, 12.4 fps on average
+VFR_TIMES = [i / 6 for i in range(18)] + [3 + i / 30 for i in range(60)] + [5 + i / 6 for i in range(15)]
+
+
+@pytest.fixture(scope="module")
+def vfr_clip(tmp_path_factory):
+    """A real variable-frame-rate H.264 file: every frame has its own pts (on a 1/30 s grid)."""
+    return make_clip(tmp_path_factory.mktemp("vfr") / "vfr.mp4", fps=30, times=VFR_TIMES, width=112, height=112)
+
+
+def test_variable_rate_frames_are_timed_by_their_own_timestamps(vfr_clip):
+    src = VideoSource(vfr_clip, ALL_FRAMES)
+    assert (src.info.frame_count, src.info.duration_s) == (93, 7.5)  # the last frame lasts 1/6 s like those before it
+    assert [t for _, t in src.plan] == pytest.approx(VFR_TIMES, abs=1e-6)
+    # index / average fps would put frame 18 at 1.45 s and frame 78 at 6.29 s
+    assert (src.plan[18][1], src.plan[78][1]) == (3.0, 5.0)
+    stride = VideoSource(vfr_clip, Sampling(fps=None, stride=10))
+    assert [t for _, t in stride.plan] == pytest.approx([VFR_TIMES[i] for i in range(0, 93, 10)], abs=1e-6)
+
+
+def test_fps_sampling_of_a_variable_rate_video_takes_the_frame_on_screen_at_each_time(vfr_clip):
+    src = VideoSource(vfr_clip, Sampling(fps=2))
+    # every half second is a frame's own time: 3 frames per half second at 6 fps, 15 at 30 fps
+    assert [index for index, _ in src.plan] == [0, 3, 6, 9, 12, 15, 18, 33, 48, 63, 78, 81, 84, 87, 90]
+    assert [t for _, t in src.plan] == [i / 2 for i in range(15)]
+    assert [frame_number(f) for f in src.read(0, 15)] == [index for index, _ in src.plan]  # the pixels are those frames
+    assert (src.frames_until(7.0), src.frames_until(6.99), src.frames_until(4.99)) == (15, 14, 10)
+
+    src = VideoSource(vfr_clip, Sampling(fps=4))
+    # at 0.25 s frame 1 (from 1/6 s) is on screen; at 3.25 s frame 25 (3 + 7/30 s); at 5.25 s frame 79 (5 + 1/6 s)
+    picked = {4 * t: (index, t_frame) for t, (index, t_frame) in zip([i / 4 for i in range(30)], src.plan)}
+    assert picked[1] == (1, pytest.approx(1 / 6, abs=1e-6))
+    assert picked[13] == (25, pytest.approx(3 + 7 / 30, abs=1e-6))
+    assert picked[21] == (79, pytest.approx(5 + 1 / 6, abs=1e-6))
+
+
+def test_make_clip_rejects_times_off_its_grid(tmp_path):
+    with pytest.raises(ValueError, match="1/30 s grid"):
+        make_clip(tmp_path / "x.mp4", fps=30, times=[0, 0.01])
+    with pytest.raises(ValueError, match="increasing"):
+        make_clip(tmp_path / "x.mp4", fps=30, times=[0, 1, 1])
 
 
 # --- pixels ----------------------------------------------------------------
@@ -239,9 +285,38 @@ def test_truncated_tail_counts_only_frames_that_decode(tmp_path, clip_frames):
     src = VideoSource(cut, ALL_FRAMES)
     assert src.info.frame_count == 71
     assert src.info.duration_s == pytest.approx(71 / 24)
+    assert (src.info.container_frames, src.info.container_duration_s, src.info.truncated) == (72, 3.0, True)
+    assert src.warning.startswith("cut.mp4: only the first 2.96 s of 3.00 s decode (71 of 72 frames)")
     assert [index for index, _ in src.plan] == list(range(71))
     assert np.array_equal(src.read(0, 71), clip_frames[:71])
     assert [index for index, _ in VideoSource(cut).plan] == [0, 12, 24, 36, 48, 60]
+
+
+def cut_clip(folder) -> Path:
+    """A 4 s, 96-frame clip with its index first, cut where frame 48's data starts: the index
+    still claims 4 s and 96 frames, 2 s decode."""
+    full = make_clip(folder / "full.mp4", seconds=4.0, faststart=True)
+    with av.open(str(full)) as container:  # ultrafast x264 has no B-frames: packets are in display order
+        packets = sorted((p for p in container.demux(video=0) if p.size), key=lambda p: p.pos)
+    cut = folder / "cut.mp4"
+    cut.write_bytes(full.read_bytes()[: packets[48].pos])
+    return cut
+
+
+def test_a_file_cut_in_half_uses_what_decodes_and_says_how_much_that_is(tmp_path):
+    src = VideoSource(cut_clip(tmp_path))
+    assert src.info.to_json() == {
+        "decodable_duration_s": 2.0, "container_duration_s": 4.0,
+        "decodable_frames": 48, "container_frames": 96, "truncated": True,
+    }
+    assert src.warning == (
+        "cut.mp4: only the first 2.00 s of 4.00 s decode (48 of 96 frames), the file is truncated or damaged; "
+        "streamchat uses those 2.00 s (re-download the file for the rest)"
+    )
+    assert [index for index, _ in src.plan] == [0, 12, 24, 36]
+    whole = VideoSource(tmp_path / "full.mp4")
+    assert whole.warning is None and not whole.info.truncated
+    assert (whole.info.container_duration_s, whole.info.duration_s, whole.info.container_frames) == (4.0, 4.0, 96)
 
 
 @pytest.mark.parametrize("faststart", [False, True])

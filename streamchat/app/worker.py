@@ -209,6 +209,8 @@ class EngineWorker:
         try:
             self._hook_encode()
             self.post(self._ready())
+            for warning in self.live.warnings:  # a partly decodable video, a snapshot from another version
+                self.post(m.Notice(f"warning: {warning}"))
             self._set_state()
             while not self._stop.is_set():
                 busy = not self._paused.is_set() and not self.live.done and self._due()
