@@ -196,9 +196,12 @@ def cmd_ask(args) -> int:
         "frames": ans.frames_seen,
         **ans.to_json(),
     }
+    logged = ""
     if not args.no_log:
         doc["session"] = _log_ask(args, loaded, source, config, ans)
-    text = f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total]"
+        logged = f"; logged as session {doc['session']}"
+    text = (f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, "
+            f"TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total{logged}]")
     emit(args, doc, text)
     return 0
 
@@ -232,7 +235,7 @@ def cmd_compare(args) -> int:
     source = open_video(args.video, config)
     loaded = load_model(args)
     bar = progress_for(args, len(source.plan), "encoding")
-    report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1))
+    report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1), on_phase=bar.phase)
     bar.close()
     written = {}
     if args.report:

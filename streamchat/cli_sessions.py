@@ -193,7 +193,7 @@ def _drive(args, live, asks) -> int:
     attempt = f" (attempt {doc['attempt']}, resumed from {doc['restored_from']})" if doc.get("restored_from") else ""
     text = (f"session {doc['session']}{attempt}: {plural(doc['frames'], 'frame')} in {plural(doc['chunks'], 'chunk')} "
             f"up to {doc['position_s']:.2f} s, cache {plural(doc['cache_tokens'], 'token')}, "
-            f"{plural(len(doc['turns']), 'new turn')}{snap}")
+            f"{plural(len(doc['turns']), 'new turn')}{snap}; logged in {live.store.path}")
     emit(args, doc, text)
     if error:
         print(f"streamchat: error: {error}", file=sys.stderr)
@@ -352,7 +352,8 @@ def _show(store, name: str) -> tuple[dict, str]:
         lines.append(f"  snapshot {i}: {x['path']}  {_s(x['bytes'], '{:,}')} bytes, {_s(x['chunks'])} chunks, "
                      f"{_s(x['frames'])} frames, {_s(x['cache_tokens'])} cache tokens  ({x['created_utc']})")
     for t in turns:
-        lines.append(f"  [{t['mode']} {_s(t['at_s'], '{:.2f} s')}] {t['question']} → {(t['answer'] or '')[:60]!r}")
+        attempt = f" attempt {number.get(t.get('attempt_id'), '?')}" if len(attempts) > 1 else ""
+        lines.append(f"  [{t['mode']} {_s(t['at_s'], '{:.2f} s')}{attempt}] {t['question']} → {(t['answer'] or '')[:60]!r}")
     return doc, "\n".join(lines)
 
 

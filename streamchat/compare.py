@@ -31,19 +31,23 @@ def match(a: Answer, b: Answer | None) -> dict:
 
 
 def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, question: str, at: float | None = None,
-                on_chunk=None) -> dict:
-    """Encode the frames up to `at` chunk by chunk and ask; then ask offline with the same prompt."""
+                on_chunk=None, on_phase=None) -> dict:
+    """Encode the frames up to `at` chunk by chunk and ask; then ask offline with the same prompt.
+    `on_phase(text)` is told when the streaming answer and the offline run start (for a progress line)."""
+    on_phase = on_phase or (lambda text: None)
     stream = Stream(loaded, source, config)
     dev = loaded.device
     reset_peak(dev)
     chunks: list[ChunkStats] = stream.encode_until(stream.frames_at(at), pad_tail=True, on_chunk=on_chunk)
     encode_peak = gpu_memory(dev)["peak_bytes"]
     after_encode = gpu_memory(dev)["allocated_bytes"]
+    on_phase("streaming: answering on the cache")
     s_ans = stream.engine.ask(question)
     cache_bytes = chunks[-1].cache_bytes if chunks else 0
     del stream.engine.cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    on_phase(f"offline: one prefill of the whole prompt ({s_ans.cache_tokens} tokens), then the answer")
     o_ans, attempts = answer_with_retry(
         loaded, s_ans.prompt, stream.read_frames, stream.fps, s_ans.question, config.max_new_tokens, stream.engine.vocab
     )
