@@ -111,7 +111,6 @@ def _register_store_commands(sub) -> None:
     p.add_argument("-t", "--truncate", action="store_true", help="cut questions and answers to 100 characters (default: whole)")
     p.add_argument("--runs", action="store_true", help="list logged runs (compare, bench, replay) instead of turns (default: turns)")
     p.add_argument("--kind", choices=["compare", "bench", "replay"], default=None, help="with --runs: only runs of this kind (default: all)")
-    p.add_argument("--no-log", action="store_true", help=argparse.SUPPRESS)  # accepted for llm users' habits: logs never logs
     add_output_options(p)
     p.set_defaults(func=cmd_logs, logs_command=None)
     actions = p.add_subparsers(dest="logs_command", metavar="ACTION", parser_class=Parser)

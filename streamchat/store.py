@@ -456,6 +456,14 @@ def _mib(value: int | None) -> str:
     return "n/a" if value == 0 else f"{value / 2**20:.1f} MiB"
 
 
+def _attempts_md(attempts: list[dict]) -> list[str]:
+    """A line on the attempts when a resume made more than one (the chunks above are the live one's)."""
+    if len(attempts) < 2:
+        return []
+    parts = [f"{a['number']}: {a['command']}" + (f" from chunk {a['start_chunk']}" if a.get("from_snapshot_id") else "") for a in attempts]
+    return ["", f"{len(attempts)} attempts ({'; '.join(parts)}); live: {attempts[-1]['number']}."]
+
+
 def _markdown(doc: dict) -> str:
     s, cs = doc["session"], doc["chunk_summary"]
     lines = [
@@ -485,6 +493,7 @@ def _markdown(doc: dict) -> str:
         f"cache {_fmt(cs['cache_tokens_after'])} tokens ({_mib(cs['cache_bytes'])}) after the last; "
         f"encode {_fmt(cs['encode_ms_mean'], ' ms')} mean, {_fmt(cs['encode_ms_total'], ' ms')} total; "
         f"GPU peak {_mib(cs['gpu_peak_bytes'])}.",
+        *_attempts_md(doc.get("attempts") or []),
         "",
         "## Turns",
     ]

@@ -192,6 +192,8 @@ def test_resume_from_an_earlier_snapshot_keeps_one_chunk_row_per_attempt(home, c
     rc, out, _ = cli(capsys, "sessions", "show", "p")
     assert "attempts 3, live: 3" in out and "2 more chunk rows from attempts a resume replaced" in out
     assert cli_json(capsys, "sessions", "list")["sessions"][0]["n_chunks"] == 3
+    rc, md, _ = cli(capsys, "sessions", "export", "p")
+    assert "3 chunks, frames 0–11" in md and "3 attempts (1: run; 2: resume from chunk 1; 3: resume from chunk 1); live: 3." in md
 
     first = cli_json(capsys, "replay", "p")
     second = cli_json(capsys, "replay", "p")
