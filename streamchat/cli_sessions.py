@@ -90,7 +90,7 @@ def _register_store_commands(sub) -> None:
     _child_output_options(a)
     a = actions.add_parser("rm", help="delete a session's rows and snapshot files")
     a.add_argument("name", help="session name or id")
-    a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation (default: ask when stdin is a terminal)")
+    a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation (default: ask when stdin is a terminal; a 'no' exits with code 1)")
     _child_output_options(a)
     a = actions.add_parser("export", help="a session as Markdown or JSON")
     a.add_argument("name", help="session name or id")
@@ -259,7 +259,7 @@ def cmd_sessions(args) -> int:
             emit(args, *_show(store, args.name))
         elif action == "rm":
             name = store.get_session(args.name)["name"]
-            if not getattr(args, "yes", False) and sys.stdin.isatty() and not args.json:
+            if not getattr(args, "yes", False) and sys.stdin.isatty():  # the question goes to stderr: --json stays clean
                 if not _confirm(f"remove session {name}, its log and its snapshot files? [y/N] "):
                     print("streamchat: nothing removed", file=sys.stderr)
                     return 1

@@ -290,3 +290,14 @@ def test_bash_completion_offers_commands_options_and_session_names(home, tmp_pat
     assert complete("sessions", "") == ["list", "show", "rm", "export"]
     rc, zsh, _ = cli(capsys, "completion", "zsh")
     assert rc == 0 and zsh.startswith("autoload -U +X bashcompinit && bashcompinit")
+
+
+def test_a_store_left_in_dot_sessions_by_an_older_streamchat_is_named_not_silently_ignored(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("STREAMCHAT_HOME")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, "logs", "path")
+    assert rc == 0 and out == f"{tmp_path / 'xdg' / 'streamchat' / 'streamchat.db'}\n" and err == ""
+    Store(tmp_path / "sessions" / "streamchat.db").close()
+    rc, out, err = cli(capsys, "logs", "path")
+    assert rc == 0 and "sessions/streamchat.db (from an older streamchat) is not read: set STREAMCHAT_HOME=sessions" in err
