@@ -7,9 +7,11 @@ traceback only with --debug).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from .errors import UserError
@@ -76,6 +78,10 @@ def add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
 
 
+def add_no_log_option(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--no-log", action="store_true", help=f"do not log {what} in the store (default: logged; `streamchat logs` shows it)")
+
+
 def sampling_from(args):
     from .video import Sampling
 
@@ -120,9 +126,36 @@ def tell_budget(args, budget) -> None:
 
 
 def open_video(path: str, config):
+    """The video, opened before any model work; decord's own log lines (`ERROR opening: …`, written
+    by its C++ code straight to file descriptor 2) are held back, so our one-line error comes alone."""
     from .video import VideoSource
 
-    return VideoSource(path, config.sampling)
+    with native_stderr_held() as held:
+        source = VideoSource(path, config.sampling)
+    sys.stderr.write(held.text)  # opened: nothing failed, so nothing is hidden
+    return source
+
+
+class _Held:
+    text = ""
+
+
+@contextlib.contextmanager
+def native_stderr_held():
+    """File descriptor 2 goes to a temporary file inside the block (C/C++ libraries write there,
+    not through sys.stderr); the caller decides whether to pass on what was written."""
+    sys.stderr.flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = os.dup(2)
+        try:
+            os.dup2(tmp.fileno(), 2)
+            held = _Held()
+            yield held
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            held.text = tmp.read().decode(errors="replace")
 
 
 def warn(message: str | None) -> None:
@@ -216,9 +249,34 @@ def cmd_ask(args) -> int:
         **source.info.to_json(),
         **ans.to_json(),
     }
-    text = f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total]"
+    logged = ""
+    if not args.no_log:
+        doc["session"] = _log_ask(args, loaded, source, config, ans)
+        logged = f"; logged as session {doc['session']}"
+    text = (f"{ans.text}\n\n[{args.mode}: {ans.frames_seen} frames, cache {ans.cache_tokens} tokens, "
+            f"TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s total{logged}]")
     emit(args, doc, text)
     return 0
+
+
+def _log_ask(args, loaded, source, config, ans) -> str:
+    """Log an `ask` as a session of one turn, with the exact prompt it saw, so `logs` shows it and
+    `replay` can re-run it; returns the session's name."""
+    from . import snapshots
+    from .engine import segments_to_json
+    from .store import Store
+    from .video import sha256_file
+
+    path = source.info.path.resolve()
+    with Store() as store:
+        row = store.create_session(video_path=path, video_sha256=sha256_file(path), model_id=loaded.model_id,
+                                   config=config.to_dict(), history=config.history, versions=snapshots.versions(),
+                                   config_fingerprint=loaded.fingerprint)
+        attempt = store.start_attempt(row["id"], "ask")
+        store.log_turn(row["id"], mode=args.mode, attempt_id=attempt["id"], at_s=args.at, **ans.turn_fields(),
+                       extra={"prompt": segments_to_json(ans.prompt), "history": config.history,
+                              "dtype": snapshots.dtype_name(loaded.dtype), "device": str(loaded.device), "command": "ask"})
+    return row["name"]
 
 
 def cmd_compare(args) -> int:
@@ -232,21 +290,26 @@ def cmd_compare(args) -> int:
     check_context(loaded, source, config)
     warn(source.warning)
     bar = progress_for(args, len(source.plan), "encoding")
-    report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1))
+    report = run_compare(loaded, source, config, args.question, on_chunk=lambda c: bar.update(c.frame_last + 1), on_phase=bar.phase)
     bar.close()
-    _log_run("compare", report)
+    written = {}
     if args.report:
-        write_report(report, Path(args.report))
+        image = write_report(report, Path(args.report))
+        written = {"report": args.report, "chart": str(image) if image else None}
+    if not args.no_log:
+        report["run_id"], written["database"] = _log_run("compare", report)
+    report["written"] = written
     emit(args, report, text_report(report))
     return 0
 
 
-def _log_run(kind: str, report: dict) -> None:
-    """Every figure a command prints goes into the store as well."""
+def _log_run(kind: str, report: dict) -> tuple[str, str]:
+    """Every figure a command prints goes into the store as well; returns the run's id and where
+    the database is (`logs --runs` shows the run)."""
     from .store import Store
 
     with Store() as store:
-        store.log_run(kind, report)
+        return store.log_run(kind, report), str(store.path)
 
 
 def cmd_make_clip(args) -> int:
@@ -256,24 +319,35 @@ def cmd_make_clip(args) -> int:
         raise UserError(f"--width and --height must be even; got {args.width}x{args.height}")
     if args.seconds <= 0 or args.fps <= 0:
         raise UserError("--seconds and --fps must be positive")
-    out = Path(args.path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.path)  # checked before (preflight): writable, and new unless --force
     make_clip(out, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
     emit(args, {"path": str(out), "seconds": args.seconds, "fps": args.fps, "size": [args.width, args.height]}, str(out))
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="streamchat", description=DESCRIPTION)
+# Commands that only read the store: their parser is built without the model options, whose
+# defaults import torch and transformers (seconds), so they start in a fraction of a second.
+LIGHT_COMMANDS = ("sessions", "logs", "completion")
+
+
+def build_parser(light: bool = False) -> argparse.ArgumentParser:
+    """The whole CLI; `light`: only LIGHT_COMMANDS (same options, nothing heavy imported)."""
+    parser = Parser(prog="streamchat", description=DESCRIPTION,
+                    epilog="Run `streamchat COMMAND --help` for a command's options. With no arguments, this help (exit code 0).")
     parser.add_argument("--version", action="version", version=f"streamchat {__import__('streamchat').__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
+    if light:
+        for register in _extra_commands():
+            register(sub, light=True)
+        return parser
 
     p = sub.add_parser("ask", help="answer one question about a video", description="Encode the video up to --at and answer one question.")
     p.add_argument("video", help="video file")
     p.add_argument("question", help="the question, in quotes")
     p.add_argument("--at", type=float, default=None, help="answer with every sampled frame whose timestamp is up to this second, as `run --ask T:Q` does (default: the whole video)")
     p.add_argument("--mode", choices=["streaming", "offline"], default="streaming", help="streaming: chunked cache; offline: one whole-video prefill (default: streaming)")
+    add_no_log_option(p, "the question and answer (a session of one turn)")
     add_video_options(p)
     add_engine_options(p)
     add_output_options(p)
@@ -283,14 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Answer the same question in streaming and offline mode on the same frames; report answers, logits, latency and memory.")
     p.add_argument("video", help="video file")
     p.add_argument("--question", "-q", default="What is happening in the video?", help="the question (default: 'What is happening in the video?')")
-    p.add_argument("--report", default=None, help="also write a Markdown report here, with a PNG chart beside it (default: none)")
+    p.add_argument("--report", default=None, help="also write a Markdown report here, with a PNG chart beside it; the folder is created (default: none)")
+    add_no_log_option(p, "the comparison")
     add_video_options(p)
     add_engine_options(p)
     add_output_options(p)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("make-clip", help="write a short synthetic clip (no download)", description="Write a synthetic H.264 clip with moving shapes, for trying streamchat offline.")
-    p.add_argument("path", help="where to write the .mp4")
+    p.add_argument("path", help="where to write the .mp4 (its folder is created)")
+    p.add_argument("--force", action="store_true", help="overwrite PATH if it exists (default: refuse)")
     p.add_argument("--seconds", type=float, default=4.0, help="length (default: 4)")
     p.add_argument("--fps", type=float, default=24.0, help="frame rate (default: 24)")
     p.add_argument("--width", type=int, default=224, help="width in pixels, even (default: 224)")
@@ -300,29 +376,85 @@ def build_parser() -> argparse.ArgumentParser:
 
     for register in _extra_commands():
         register(sub)
+    _model_default_from_env(parser)
     return parser
 
 
 def _extra_commands():
-    """Commands that live in their own modules (sessions, app, bench): each exposes register(sub)."""
+    """Commands that live in their own modules: each exposes register(sub); those that also have
+    light commands take register(sub, light=True) and then register only those."""
+    import functools
     import importlib
+    import inspect
 
-    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench"):
+    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench", "streamchat.cli_completion"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:
             if exc.name == name:
                 continue
             raise
-        yield mod.register
+        if "light" in inspect.signature(mod.register).parameters:
+            yield mod.register
+        else:
+            yield functools.partial(_heavy_only, mod.register)
+
+
+def _heavy_only(register, sub, light: bool = False) -> None:
+    if not light:
+        register(sub)
+
+
+MODEL_ENV = "STREAMCHAT_MODEL"
+
+
+def _model_default_from_env(parser: argparse.ArgumentParser) -> None:
+    """$STREAMCHAT_MODEL replaces the built-in default --model (not a command's own default, such as
+    demo's tiny-random), so that --model need not be typed every time."""
+    from .models import DEFAULT_MODEL
+
+    model = os.environ.get(MODEL_ENV, "").strip()
+    if not model:
+        return
+    for p in subparsers(parser).values():
+        for action in p._actions:
+            if action.dest == "model" and action.default == DEFAULT_MODEL:
+                action.default = model
+                action.help = (action.help or "").replace(f"(default: {DEFAULT_MODEL})", f"(default: {model}, from ${MODEL_ENV})")
+
+
+def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Command name -> its parser."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
+def _warn_about_old_store() -> None:
+    """Before platformdirs, the store was ./sessions: say where it is now rather than look empty."""
+    from .store import DB_NAME, home_path
+
+    old = Path("sessions") / DB_NAME
+    if not os.environ.get("STREAMCHAT_HOME") and old.exists() and old.resolve() != (home_path() / DB_NAME).resolve():
+        print(f"streamchat: warning: the store is now {home_path()}; {old} (from an older streamchat) is not read: "
+              f"set STREAMCHAT_HOME=sessions to use it", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    from . import preflight
+
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     debug = "--debug" in argv or os.environ.get("STREAMCHAT_DEBUG") == "1"
     try:
-        args = build_parser().parse_args(argv)
-        if not debug:
+        if not argv:
+            build_parser().print_help()
+            return 0
+        light = argv[0] in LIGHT_COMMANDS
+        args = build_parser(light=light).parse_args(preflight.join_dash_values(argv))
+        preflight.check(args)
+        _warn_about_old_store()
+        if not debug and not light:
             from . import hf
 
             hf.quiet()

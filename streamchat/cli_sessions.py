@@ -31,7 +31,27 @@ def _model_options(p: argparse.ArgumentParser, what: str) -> None:
     g.add_argument("--video", default=None, metavar="NEW_PATH", help="the session's video, if it moved; checked by sha256 (default: the recorded path)")
 
 
-def register(sub) -> None:
+def _check_until(source, until: float | None) -> None:
+    if until is not None and until > source.info.duration_s + 1e-6:
+        raise UserError(f"--until {until:g} is past the end of the video ({source.info.duration_s:.2f} s); "
+                        f"give a time inside it, or leave --until out to encode to the end")
+
+
+def plural(count: int, noun: str) -> str:
+    """'1 new turn', '2 new turns'."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def register(sub, light: bool = False) -> None:
+    """Every command of this module; `light`: only those that read the store (no torch import)."""
+    if not light:
+        _register_run_resume(sub)
+    _register_store_commands(sub)
+    if not light:
+        _register_replay(sub)
+
+
+def _register_run_resume(sub) -> None:
     p = sub.add_parser("run", help="stream a video headless, asking questions at given times; logged as a session",
                        description="Stream VIDEO into the cache, ask each --ask question when the stream reaches its time, "
                                    "log every chunk and turn, and with --snapshot save the cache to resume later.")
@@ -54,39 +74,42 @@ def register(sub) -> None:
     add_output_options(p)
     p.set_defaults(func=cmd_resume)
 
+
+def _register_store_commands(sub) -> None:
     p = sub.add_parser("sessions", help="list, show, remove or export logged sessions",
                        description="Logged sessions: list (the default), show NAME, rm NAME, export NAME --format md|json.")
     add_output_options(p)
     p.set_defaults(func=cmd_sessions, sessions_command="list")
     actions = p.add_subparsers(dest="sessions_command", metavar="ACTION", parser_class=Parser)
-    a = actions.add_parser("list", help="every session, newest first")
+    a = actions.add_parser("list", help="sessions that logged something, most recently updated first")
+    a.add_argument("--all", action="store_true", help="also sessions that logged no turn and saved no snapshot (default: hidden)")
+    a.add_argument("--names", action="store_true", help="print only the names, one a line, for scripts and shell completion (default: a table)")
     _child_output_options(a)
     a = actions.add_parser("show", help="one session: video, model, settings, chunks, turns, snapshots")
     a.add_argument("name", help="session name or id")
     _child_output_options(a)
     a = actions.add_parser("rm", help="delete a session's rows and snapshot files")
     a.add_argument("name", help="session name or id")
+    a.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation (default: ask when stdin is a terminal; a 'no' exits with code 1)")
     _child_output_options(a)
     a = actions.add_parser("export", help="a session as Markdown or JSON")
     a.add_argument("name", help="session name or id")
     a.add_argument("--format", choices=["md", "json"], default="md", help="md or json (default: md)")
-    a.add_argument("--output", "-o", default=None, metavar="FILE", help="write to FILE instead of stdout (default: stdout)")
+    a.add_argument("--output", "-o", default=None, metavar="FILE", help="write to FILE instead of stdout; its folder is created (default: stdout)")
     _child_output_options(a)
 
-    p = sub.add_parser("logs", help="the latest logged turns, like `llm logs`",
-                       description="Show the latest logged questions and answers, newest last.")
-    p.add_argument("-n", "--count", type=int, default=3, metavar="N", help="how many turns; 0 for all (default: 3)")
-    p.add_argument("-q", "--query", default=None, metavar="TEXT", help="only turns whose question or answer has every word of TEXT (default: all)")
-    p.add_argument("--session", default=None, metavar="NAME", help="only this session's turns (default: every session)")
-    add_output_options(p)
-    p.set_defaults(func=cmd_logs)
+    from .cli_logs import register_logs
 
+    register_logs(sub)
+
+
+def _register_replay(sub) -> None:
     p = sub.add_parser("replay", help="re-run a session's turns the offline way and compare",
                        description="Re-run every logged streaming turn of session NAME in offline mode with exactly the frames "
                                    "and history it saw; report identical answers, TTFT, latency and memory side by side.")
     p.add_argument("name", help="session name or id")
     p.add_argument("--against", choices=["offline"], default="offline", help="what to replay against (default: offline)")
-    p.add_argument("--report", default=None, metavar="FILE", help="also write a Markdown report here, with a PNG chart beside it (default: none)")
+    p.add_argument("--report", default=None, metavar="FILE", help="also write a Markdown report here, with a PNG chart beside it; the folder is created (default: none)")
     _model_options(p, "the session was recorded in")
     add_output_options(p)
     p.set_defaults(func=cmd_replay)
@@ -111,7 +134,7 @@ def _loader(args):
 
 
 def _turn_text(ans, at_s) -> str:
-    when = f"{at_s:g} s" if at_s is not None else "end"
+    when = f"{at_s:.2f} s" if at_s is not None else "end"
     return (f"[{when}, {ans.frames_seen} frames] Q: {ans.question}\n{ans.text}\n"
             f"  (TTFT {ans.ttft_s * 1000:.1f} ms, {ans.latency_s:.3f} s, {ans.new_tokens} tokens, cache {ans.cache_tokens} tokens)\n")
 
@@ -137,8 +160,8 @@ def _drive(args, live, asks) -> int:
                      on_chunk=lambda c: bar.update(c.frame_last + 1 - start), on_answer=on_answer)
     except KeyboardInterrupt:
         bar.close()
-        print(f"streamchat: session {live.name} keeps what was logged ({len(live.store.chunks(live.id))} chunks, "
-              f"{len(live.store.turns(live.id))} turns)", file=sys.stderr)
+        print(f"streamchat: session {live.name} keeps what was logged ({plural(len(live.store.chunks(live.id)), 'chunk')}, "
+              f"{plural(len(live.store.turns(live.id)), 'turn')})", file=sys.stderr)
         raise
     bar.close()
     error = None
@@ -150,9 +173,11 @@ def _drive(args, live, asks) -> int:
     doc = live.summary()
     if error:
         doc["snapshot_error"] = error
-    snap = f", snapshot {doc['snapshot']} ({doc['snapshot_bytes']} bytes)" if doc["snapshot"] else ""
-    text = (f"session {doc['session']}: {doc['frames']} frames in {doc['chunks']} chunks up to {doc['position_s']:g} s, "
-            f"cache {doc['cache_tokens']} tokens, {len(doc['turns'])} new turns{snap}")
+    snap = f", snapshot {doc['snapshot']} ({doc['snapshot_bytes']:,} bytes)" if doc["snapshot"] else ""
+    attempt = f" (attempt {doc['attempt']}, resumed from {doc['restored_from']})" if doc.get("restored_from") else ""
+    text = (f"session {doc['session']}{attempt}: {plural(doc['frames'], 'frame')} in {plural(doc['chunks'], 'chunk')} "
+            f"up to {doc['position_s']:.2f} s, cache {plural(doc['cache_tokens'], 'token')}, "
+            f"{plural(len(doc['turns']), 'new turn')}{snap}; logged in {live.store.path}")
     emit(args, doc, text)
     if error:
         print(f"streamchat: error: {error}", file=sys.stderr)
@@ -168,6 +193,7 @@ def cmd_run(args) -> int:
     config = config_from(args)
     asks = [Ask.parse(a) for a in args.ask]
     source = open_video(args.video, config)
+    _check_until(source, args.until)
     check_schedule(source, asks, args.until)
     with Store() as store:
         if args.session is not None:
@@ -194,10 +220,11 @@ def cmd_resume(args) -> int:
             check_schedule(live.stream.source, asks, args.until, live.stream.next_frame)  # refusals before warnings
             for w in live.warnings:
                 _warn(w)
+            _check_until(live.stream.source, args.until)
             return _drive(args, live, asks)
 
 
-# --- sessions / logs ----------------------------------------------------------------------------
+# --- sessions -------------------------------------------------------------------------------------
 
 
 def _plain(row: dict) -> dict:
@@ -214,24 +241,23 @@ def cmd_sessions(args) -> int:
     with Store() as store:
         action = args.sessions_command or "list"
         if action == "list":
-            rows = store.list_sessions()
-            doc = {"sessions": [_plain(r) for r in rows]}
-            lines = [f"{'name':<40} {'updated (UTC)':<19} {'model':<16} {'history':<7} {'chunks':>6} {'turns':>5} {'snaps':>5}  video"]
-            for r in rows:
-                lines.append(f"{r['name']:<40} {(r['updated_utc'] or '')[:19]:<19} {r['model_id'] or '':<16} {r['history'] or '':<7} "
-                             f"{r['n_chunks']:>6} {r['n_turns']:>5} {r['n_snapshots']:>5}  {Path(r['video_path'] or '').name}")
-            emit(args, doc, "\n".join(lines) if rows else "no sessions yet; start one with `streamchat run VIDEO --ask T:QUESTION`")
+            _list(args, store)
         elif action == "show":
             emit(args, *_show(store, args.name))
         elif action == "rm":
             name = store.get_session(args.name)["name"]
+            if not getattr(args, "yes", False) and sys.stdin.isatty():  # the question goes to stderr: --json stays clean
+                if not _confirm(f"remove session {name}, its log and its snapshot files? [y/N] "):
+                    print("streamchat: nothing removed", file=sys.stderr)
+                    return 1
             removed = _remove(store, args.name)
-            emit(args, {"removed": name, "snapshot_files": removed}, f"removed session {name} and {len(removed)} snapshot files")
+            emit(args, {"removed": name, "snapshot_files": removed},
+                 f"removed session {name} and {plural(len(removed), 'snapshot file')}")
         elif action == "export":
             fmt = "json" if args.json else args.format
             text = store.export(args.name, fmt)
             if args.output:
-                Path(args.output).write_text(text)
+                Path(args.output).write_text(text if text.endswith("\n") else text + "\n")
                 if args.json:
                     emit(args, {"session": args.name, "format": fmt, "path": args.output}, "")
                 else:
@@ -241,34 +267,79 @@ def cmd_sessions(args) -> int:
     return 0
 
 
+def _confirm(prompt: str) -> bool:
+    sys.stderr.write(prompt)
+    sys.stderr.flush()
+    try:
+        answer = sys.stdin.readline()
+    except KeyboardInterrupt:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def _list(args, store) -> None:
+    every = getattr(args, "all", False)
+    rows = store.list_sessions(every=every)
+    if getattr(args, "names", False):
+        sys.stdout.write("".join(f"{r['name']}\n" for r in rows))
+        return
+    hidden = 0 if every else len(store.list_sessions()) - len(rows)
+    doc = {"sessions": [_plain(r) for r in rows], "hidden_empty": hidden}
+    lines = [f"{'name':<40} {'updated (UTC)':<19} {'model':<16} {'history':<7} {'chunks':>6} {'turns':>5} {'snaps':>5}  video"]
+    for r in rows:
+        lines.append(f"{r['name']:<40} {(r['updated_utc'] or '')[:19].replace('T', ' '):<19} {r['model_id'] or '':<16} {r['history'] or '':<7} "
+                     f"{r['n_chunks']:>6} {r['n_turns']:>5} {r['n_snapshots']:>5}  {Path(r['video_path'] or '').name}")
+    if not rows:
+        lines = ["no sessions yet; start one with `streamchat run VIDEO --ask T:QUESTION`"]
+    if hidden:
+        lines.append(f"({plural(hidden, 'session')} with no turns and no snapshot hidden; `streamchat sessions list --all` shows them)")
+    emit(args, doc, "\n".join(lines))
+
+
 def _show(store, name: str) -> tuple[dict, str]:
     from .store import summarize_chunks
 
     s = store.get_session(name)
     chunks = store.chunks(s["id"])
+    every_chunk = store.chunks(s["id"], every_attempt=True)
     turns = store.turns(s["id"])
     snaps = store.snapshots(s["id"])
+    attempts = store.attempts(s["id"])
+    number = {a["id"]: a["number"] for a in attempts}
     summary = summarize_chunks(chunks)
     doc = {
         "session": _plain(s),
         "chunk_summary": summary,
-        "turns": [{k: t[k] for k in ("id", "mode", "at_s", "frames_seen", "question", "answer", "ttft_ms", "latency_ms", "replay_of")} for t in turns],
-        "snapshots": [_plain(x) for x in snaps],
+        "chunk_rows": len(every_chunk),
+        "attempts": [_plain(a) for a in attempts],
+        "live_attempt": attempts[-1]["number"] if attempts else None,
+        "turns": [{**{k: t[k] for k in ("id", "mode", "at_s", "frames_seen", "question", "answer", "ttft_ms", "latency_ms", "replay_of", "run_id")},
+                   "attempt": number.get(t.get("attempt_id"))} for t in turns],
+        "snapshots": [{**_plain(x), "attempt": number.get(x.get("attempt_id"))} for x in snaps],
     }
+    replays = sorted({t["run_id"] for t in turns if t["mode"] == "offline" and t.get("run_id")})
     lines = [
         f"session {s['name']}  ({s['id']})",
         f"  video    {s['video_path']}  sha256 {(s['video_sha256'] or '')[:16]}…",
         f"  model    {s['model_id']}  fingerprint {s['config_fingerprint'] or '–'}  history {s['history']}",
         f"  created  {s['created_utc']}  updated {s['updated_utc']}",
         f"  chunks   {summary['count']}, frames {_s(summary['frame_first'])}–{_s(summary['frame_last'])}, "
-        f"up to {_s(summary['t_end_s'], '{:g} s')}, cache {_s(summary['cache_tokens_after'])} tokens",
-        f"  turns    {sum(t['mode'] == 'streaming' for t in turns)} streaming, {sum(t['mode'] == 'offline' for t in turns)} offline",
+        f"up to {_s(summary['t_end_s'], '{:.2f} s')}, cache {_s(summary['cache_tokens_after'])} tokens"
+        + (f" ({len(every_chunk) - len(chunks)} more chunk rows from attempts a resume replaced)" if len(every_chunk) > len(chunks) else ""),
+        f"  turns    {sum(t['mode'] == 'streaming' for t in turns)} streaming, {sum(t['mode'] == 'offline' for t in turns)} offline"
+        + (f" (from {plural(len(replays), 'replay')}: runs {', '.join(replays)})" if replays else ""),
     ]
+    if len(attempts) > 1:
+        by_id = {x["id"]: i for i, x in enumerate(snaps, 1)}
+        lines.append(f"  attempts {len(attempts)}, live: {attempts[-1]['number']}  ("
+                     + "; ".join(f"{a['number']}: {a['command']}" + (f" from snapshot {by_id.get(a['from_snapshot_id'], '?')} at chunk {a['start_chunk']}"
+                                                                     if a["from_snapshot_id"] else "") for a in attempts) + ")")
     for i, x in enumerate(snaps, 1):
-        lines.append(f"  snapshot {i}: {x['path']}  {_s(x['bytes'])} bytes, {_s(x['chunks'])} chunks, "
+        lines.append(f"  snapshot {i}: {x['path']}  {_s(x['bytes'], '{:,}')} bytes, {_s(x['chunks'])} chunks, "
                      f"{_s(x['frames'])} frames, {_s(x['cache_tokens'])} cache tokens  ({x['created_utc']})")
     for t in turns:
-        lines.append(f"  [{t['mode']} {_s(t['at_s'], '{:g} s')}] {t['question']} → {(t['answer'] or '')[:60]!r}")
+        attempt = f" attempt {number.get(t.get('attempt_id'), '?')}" if len(attempts) > 1 else ""
+        lines.append(f"  [{t['mode']} {_s(t['at_s'], '{:.2f} s')}{attempt}] {t['question']} → {(t['answer'] or '')[:60]!r}")
     return doc, "\n".join(lines)
 
 
@@ -295,32 +366,6 @@ def _remove(store, name: str) -> list[str]:
     return removed
 
 
-def cmd_logs(args) -> int:
-    from .store import Store
-
-    with Store() as store:
-        rows = store.logs(n=args.count, query=args.query, session=args.session)
-    if args.json:
-        emit(args, {"turns": [_plain(r) for r in rows]}, "")
-        return 0
-    blocks = []
-    for r in rows:
-        replay = f", replay of {r['replay_of']}" if r.get("replay_of") else ""
-        blocks.append("\n".join([
-            f"# {r['created_utc'] or ''}  session {r['session_name']}  ({r['mode']}, at {_s(r['at_s'], '{:g} s')}, "
-            f"{_s(r['frames_seen'])} frames{replay})",
-            "",
-            f"> {r['question']}",
-            "",
-            r["answer"] or "",
-            "",
-            f"TTFT {_s(r['ttft_ms'], '{:.1f} ms')} · latency {_s(r['latency_ms'], '{:.1f} ms')} · "
-            f"{_s(r['new_tokens'])} tokens · cache {_s(r['cache_tokens'])} tokens",
-        ]))
-    sys.stdout.write(("\n\n".join(blocks) if blocks else "no turns logged yet") + "\n")
-    return 0
-
-
 # --- replay -------------------------------------------------------------------------------------
 
 
@@ -343,6 +388,8 @@ def cmd_replay(args) -> int:
     if args.report:
         image = write_report(report, Path(args.report))
         report["report"] = {"markdown": args.report, "png": str(image) if image else None}
+    with Store() as store:
+        report["database"] = str(store.path)
     emit(args, report, text_report(report))
     return 0
 

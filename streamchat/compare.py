@@ -32,8 +32,10 @@ def match(a: Answer, b: Answer | None) -> dict:
 
 
 def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, question: str, at: float | None = None,
-                on_chunk=None) -> dict:
-    """Encode the frames up to `at` chunk by chunk and ask; then ask offline with the same prompt."""
+                on_chunk=None, on_phase=None) -> dict:
+    """Encode the frames up to `at` chunk by chunk and ask; then ask offline with the same prompt.
+    `on_phase(text)` is told when the streaming answer and the offline run start (for a progress line)."""
+    on_phase = on_phase or (lambda text: None)
     target = source.frames_until(at) if at is not None else len(source.plan)
     stream = Stream(loaded, source, config, frames=target)
     dev = loaded.device
@@ -41,11 +43,13 @@ def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, ques
     chunks: list[ChunkStats] = stream.encode_until(target, pad_tail=True, on_chunk=on_chunk)
     encode_peak = gpu_memory(dev)["peak_bytes"]
     after_encode = gpu_memory(dev)["allocated_bytes"]
+    on_phase("streaming: answering on the cache")
     s_ans = stream.engine.ask(question)
     cache_bytes = chunks[-1].cache_bytes if chunks else 0
     stream.engine.reset()  # frees the streaming cache, its graphs and archive before offline runs
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    on_phase(f"offline: one prefill of the whole prompt ({s_ans.cache_tokens} tokens), then the answer")
     o_ans, attempts = answer_with_retry(
         loaded, s_ans.prompt, stream.read_frames, stream.fps, s_ans.question, config.max_new_tokens, stream.engine.vocab
     )
@@ -102,6 +106,22 @@ def _fmt_s(x) -> str:
     return "—" if x is None else f"{x:.3f} s"
 
 
+def _gpu_mib(r: dict, n: int | None) -> str:
+    """GPU memory in MiB; the CPU has no such figure (its counters read 0)."""
+    if n is None:
+        return "—"
+    return "n/a on the CPU" if r["device"] == "cpu" else f"{mib(n)} MiB"
+
+
+def _speedup(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x}x" + (" (under 1: offline was faster here)" if x < 1 else "")
+
+
+SPEEDUP_NOTE = "speedup = offline time / streaming time"
+
+
 def text_report(r: dict) -> str:
     st, of, m = r["streaming"], r["offline"], r["match"]
     smp = r["sampling"]
@@ -126,9 +146,9 @@ def text_report(r: dict) -> str:
         "",
         "Memory and cache",
         f"  cache tokens {st['cache_tokens']}, cache size {mib(st['cache_bytes'])} MiB",
-        f"  streaming peak {mib(max(st['peak_bytes'], st['encode_peak_bytes']))} MiB, "
-        f"allocated after encode {mib(st['allocated_after_encode_bytes'])} MiB",
-        f"  offline peak {mib(of['peak_bytes']) if of else '—'} MiB",
+        f"  streaming peak {_gpu_mib(r, max(st['peak_bytes'], st['encode_peak_bytes']))}, "
+        f"allocated after encode {_gpu_mib(r, st['allocated_after_encode_bytes'])}",
+        f"  offline peak {_gpu_mib(r, of['peak_bytes'] if of else None)}",
         "",
         "Answers",
         f"  Q: {r['question']}",
@@ -151,7 +171,11 @@ def text_report(r: dict) -> str:
             "GPU memory n/a on the CPU" if r["device"] == "cpu"
             else f"offline peak memory {'+' if a['peak_memory_delta_bytes'] >= 0 else ''}{mib(a['peak_memory_delta_bytes'])} MiB vs streaming"
         )
-        lines.append(f"  TTFT speedup {a['ttft_speedup']}x, latency speedup {a['latency_speedup']}x, {memory}")
+        lines.append(f"  TTFT speedup {_speedup(a['ttft_speedup'])}, latency speedup {_speedup(a['latency_speedup'])}, {memory}")
+        lines.append(f"  ({SPEEDUP_NOTE})")
+    written = [f"{k} {v}" for k, v in (r.get("written") or {}).items() if v]
+    if written:
+        lines += ["", "Written: " + ", ".join(written)]
     return "\n".join(lines)
 
 
@@ -164,7 +188,7 @@ def markdown_report(r: dict, image: str | None = None) -> str:
         ("QA latency", f"{st['latency_s']:.4f} s", f"{of['latency_s']:.4f} s" if of else "—"),
         ("new tokens", st["new_tokens"], of["new_tokens"] if of else "—"),
         ("cache tokens", st["cache_tokens"], of["cache_tokens"] if of else "—"),
-        ("peak memory", f"{mib(max(st['peak_bytes'], st['encode_peak_bytes']))} MiB", f"{mib(of['peak_bytes'])} MiB" if of else "—"),
+        ("peak memory", _gpu_mib(r, max(st['peak_bytes'], st['encode_peak_bytes'])), _gpu_mib(r, of['peak_bytes'] if of else None)),
     ]
     out = [
         "# streamchat compare",
@@ -192,8 +216,10 @@ def markdown_report(r: dict, image: str | None = None) -> str:
     ]
     if "analysis" in r:
         a = r["analysis"]
-        out += ["", f"**Analysis:** TTFT {a['ttft_speedup']}x faster streaming, latency {a['latency_speedup']}x, "
-                f"offline peak memory {mib(a['peak_memory_delta_bytes'])} MiB above streaming."]
+        memory = ("GPU memory n/a on the CPU." if r["device"] == "cpu"
+                  else f"offline peak memory {mib(a['peak_memory_delta_bytes'])} MiB above streaming.")
+        out += ["", f"**Analysis:** TTFT speedup {_speedup(a['ttft_speedup'])}, latency speedup {_speedup(a['latency_speedup'])} "
+                f"({SPEEDUP_NOTE}); {memory}"]
     if image:
         out += ["", f"![encode time per chunk against cache length]({image})"]
     return "\n".join(out) + "\n"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import secrets
 from collections.abc import Callable, Iterator
 
 import sqlite_utils
@@ -175,6 +176,45 @@ def m004_turns_extra(db: sqlite_utils.Database) -> None:
 
 
 @migration
-def m005_turns_retrieved(db: sqlite_utils.Database) -> None:
+def m005_attempts(db: sqlite_utils.Database) -> None:
+    # One row per `run` (or app session) and per `resume` of a session. A resume from an earlier
+    # snapshot re-encodes chunks that an earlier attempt also logged; the attempt id on each chunk,
+    # turn and snapshot tells the rows apart, and the newest attempt's chain is the live stream.
+    db["attempts"].create(
+        {
+            "id": str,
+            "session_id": str,
+            "number": int,  # 1, 2, ... within the session
+            "parent_id": str,  # the attempt whose snapshot this one restored (null for the first)
+            "from_snapshot_id": str,
+            "start_chunk": int,  # chunks below this index come from the parent's chain
+            "command": str,  # 'run', 'resume', 'chat', ...
+            "created_utc": str,
+        },
+        pk="id",
+        foreign_keys=[("session_id", "sessions", "id")],
+    )
+    db["attempts"].create_index(["session_id", "number"], unique=True)
+    for table in ("chunks", "turns", "snapshots"):
+        db[table].add_column("attempt_id", str)
+        db[table].create_index(["attempt_id"])
+    # Rows logged before attempts existed all belong to a first attempt of their session.
+    for session_id, created in list(db.execute("select id, created_utc from sessions")):
+        attempt_id = session_id[:12] + secrets.token_hex(10)  # sorts with the session, like store.new_id
+        db["attempts"].insert({"id": attempt_id, "session_id": session_id, "number": 1, "parent_id": None,
+                               "from_snapshot_id": None, "start_chunk": 0, "command": "run", "created_utc": created})
+        for table in ("chunks", "turns", "snapshots"):
+            db.execute(f"update {table} set attempt_id = ? where session_id = ?", [attempt_id, session_id])
+
+
+@migration
+def m006_turns_run(db: sqlite_utils.Database) -> None:
+    # The run (e.g. one `replay`) that logged a turn, so each replay's offline turns are found by its run id.
+    db["turns"].add_column("run_id", str)
+    db["turns"].create_index(["run_id"])
+
+
+@migration
+def m007_turns_retrieved(db: sqlite_utils.Database) -> None:
     # Bounded memory: the archived time spans a turn brought back ([{t_start_s, t_end_s, ...}], JSON).
     db["turns"].add_column("retrieved_json", str)

@@ -35,6 +35,14 @@ class Progress:
         )
         sys.stderr.flush()
 
+    def phase(self, text: str) -> None:
+        """A step that has no count (compare's offline prefill): the bar gives way to a line saying what runs."""
+        if not self.enabled:
+            return
+        line = f"{text} … ({time.perf_counter() - self.t0:.0f} s in)"
+        sys.stderr.write("\r" + line.ljust(99)[:99] + " ")
+        sys.stderr.flush()
+
     def close(self) -> None:
         if self.enabled:
             sys.stderr.write("\r" + " " * 100 + "\r")

@@ -18,7 +18,7 @@ from .layout import Vocab, segments_from_json
 from .models import Loaded
 from .offline import answer_with_retry
 from .session import check_video
-from .store import Store
+from .store import Store, new_id
 from .stream import read_frames
 from .video import VideoSource
 
@@ -80,9 +80,10 @@ def replay_session(
         vocab = Vocab(loaded.tokenizer, config.system_prompt)  # offline needs the layout, not a stream
         fps = config.sampling.sampled_fps(source.info.native_fps)
         out = []
+        run_id = new_id()  # the offline turns point at this replay's run row, logged at the end
         try:
             for t in turns:
-                entry = replay_turn(store, row, t, loaded, source, fps, vocab, config)
+                entry = replay_turn(store, row, t, loaded, source, fps, vocab, config, run_id=run_id)
                 out.append(entry)
                 if on_turn is not None:
                     on_turn(entry)
@@ -102,7 +103,7 @@ def replay_session(
             "skipped": len(out) - len(done),
             "turns": out,
         }
-        report["run_id"] = store.log_run("replay", report, session_id=row["id"])
+        report["run_id"] = store.log_run("replay", report, session_id=row["id"], run_id=run_id)
         return report
     finally:
         if owns:
@@ -110,7 +111,7 @@ def replay_session(
 
 
 def replay_turn(store: Store, session: dict, turn: dict, loaded: Loaded, source: VideoSource, fps: float, vocab: Vocab,
-                config: SessionConfig) -> dict:
+                config: SessionConfig, run_id: str | None = None) -> dict:
     """One streaming turn against offline on the same prompt; the offline turn is logged with replay_of."""
     streaming = {
         "token_ids": turn["token_ids"],
@@ -166,6 +167,7 @@ def replay_turn(store: Store, session: dict, turn: dict, loaded: Loaded, source:
         session["id"],
         mode="offline",
         replay_of=turn["id"],
+        run_id=run_id,
         at_s=turn["at_s"],
         **ans.turn_fields(),
         extra={
@@ -191,7 +193,17 @@ def _x(r: float | None) -> str:
 
 
 def _mib(b: int | None) -> str:
-    return "–" if b is None else f"{b / 2**20:.1f} MiB"
+    """0 bytes is what the CPU reports: no GPU memory to measure."""
+    if b is None:
+        return "–"
+    return "n/a" if b == 0 else f"{b / 2**20:.1f} MiB"
+
+
+def _at(e: dict) -> str:
+    return "end" if e["at_s"] is None else f"{e['at_s']:.2f} s"
+
+
+RATIO_NOTE = "× is offline / streaming: above 1, offline took that many times longer (or more memory); under 1, offline was the faster"
 
 
 def _verdict(e: dict) -> str:
@@ -205,19 +217,28 @@ def _verdict(e: dict) -> str:
 def text_report(r: dict) -> str:
     lines = [
         f"replay of session {r['session']} against offline — {r['model']} on {r['device']} ({r['dtype']}), history {r['history']}",
-        f"{r['replayed']} turns replayed, {r['skipped']} skipped; all identical: {r['all_identical']}",
+        f"{_n(r['replayed'], 'turn')} replayed, {r['skipped']} skipped; all identical: {r['all_identical']}"
+        + (f"; logged as run {r['run_id']}" if r.get("run_id") else "")
+        + (f" in {r['database']}" if r.get("database") else ""),
+        RATIO_NOTE,
         "",
     ]
     for i, e in enumerate(r["turns"], 1):
         s, o, ratio = e["streaming"], e["offline"] or {}, e.get("ratios", {})
         lines += [
-            f"{i}. [{e['at_s'] if e['at_s'] is not None else '–'} s, {e['frames_seen']} frames] {e['question']}",
+            f"{i}. [{_at(e)}, {e['frames_seen']} frames] {e['question']}",
             f"   {_verdict(e)}",
             f"   TTFT     streaming {_ms(s['ttft_s']):>10}  offline {_ms(o.get('ttft_s')):>10}  {_x(ratio.get('ttft'))}",
             f"   latency  streaming {_ms(s['latency_s']):>10}  offline {_ms(o.get('latency_s')):>10}  {_x(ratio.get('latency'))}",
             f"   peak     streaming {_mib(s['peak_bytes']):>10}  offline {_mib(o.get('peak_bytes')):>10}  {_x(ratio.get('peak_memory'))}",
         ]
+    if r.get("report"):
+        lines += ["", f"report: {r['report']['markdown']}" + (f", chart: {r['report']['png']}" if r["report"].get("png") else "")]
     return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def markdown_report(r: dict, image: str | None = None) -> str:
@@ -226,8 +247,9 @@ def markdown_report(r: dict, image: str | None = None) -> str:
         "",
         f"- video: `{r['video']}`",
         f"- model: `{r['model']}` on {r['device']} ({r['dtype']}), history {r['history']}",
-        f"- {r['replayed']} turns replayed, {r['skipped']} skipped; **all identical: {r['all_identical']}**",
-        "- ratios are offline / streaming (how many times slower or bigger offline is)",
+        f"- {_n(r['replayed'], 'turn')} replayed, {r['skipped']} skipped; **all identical: {r['all_identical']}**",
+        f"- {RATIO_NOTE}",
+        *([f"- run id: `{r['run_id']}` (`streamchat logs --run {r['run_id']}` shows its offline turns)"] if r.get("run_id") else []),
         "",
         "| # | at | frames | question | result | TTFT streaming | TTFT offline | × | latency streaming | latency offline | × | peak streaming | peak offline | × |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -236,7 +258,7 @@ def markdown_report(r: dict, image: str | None = None) -> str:
         s, o, ratio = e["streaming"], e["offline"] or {}, e.get("ratios", {})
         q = e["question"].replace("|", "\\|")
         out.append(
-            f"| {i} | {e['at_s'] if e['at_s'] is not None else '–'} s | {e['frames_seen']} | {q} | {_verdict(e)} | "
+            f"| {i} | {_at(e)} | {e['frames_seen']} | {q} | {_verdict(e)} | "
             f"{_ms(s['ttft_s'])} | {_ms(o.get('ttft_s'))} | {_x(ratio.get('ttft'))} | "
             f"{_ms(s['latency_s'])} | {_ms(o.get('latency_s'))} | {_x(ratio.get('latency'))} | "
             f"{_mib(s['peak_bytes'])} | {_mib(o.get('peak_bytes'))} | {_x(ratio.get('peak_memory'))} |"

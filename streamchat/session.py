@@ -37,8 +37,12 @@ class Ask:
 
     @classmethod
     def parse(cls, text: str) -> "Ask":
-        """'T:QUESTION' with T in seconds, or just 'QUESTION'."""
+        """'T:QUESTION' with T in seconds, or just 'QUESTION' (a colon after a word that is not a
+        number, as in 'Note: what is red?', is part of the question)."""
+        example = "as in --ask '12.5:What is red?'"
         head, sep, rest = text.partition(":")
+        if sep and not head.strip():
+            raise UserError(f"--ask {text!r} has no time before the colon; write T:QUESTION, {example}, or the question alone to ask it at the end")
         try:
             at = float(head) if sep else None
         except ValueError:
@@ -48,9 +52,9 @@ class Ask:
         else:
             question = rest.strip()
             if not math.isfinite(at) or at < 0:
-                raise UserError(f"--ask {text!r}: the time must be 0 or more seconds, as in --ask 12.5:'What is red?'")
+                raise UserError(f"--ask {text!r}: the time must be 0 or more seconds, {example}")
         if not question:
-            raise UserError(f"--ask {text!r} has no question; write it as T:QUESTION, as in --ask 12.5:'What is red?'")
+            raise UserError(f"--ask {text!r} has no question; write it as T:QUESTION, {example}")
         return cls(at, question)
 
 
@@ -80,9 +84,10 @@ def _resolve(path: str) -> Path:
 class LiveSession:
     """One logged stream over one video. Build it with `create` or `resume`."""
 
-    def __init__(self, store: Store, session: dict, stream: Stream, *, owns_store: bool, chunks=None, dialogue=None, snapshot=None):
+    def __init__(self, store: Store, session: dict, stream: Stream, *, owns_store: bool, attempt: dict, chunks=None, dialogue=None, snapshot=None):
         self.store = store
         self.session = session
+        self.attempt = attempt  # the attempts row every chunk, turn and snapshot of this process is logged under
         self.stream = stream
         self.engine = stream.engine
         self.loaded: Loaded = stream.loaded
@@ -101,11 +106,13 @@ class LiveSession:
     # --- building ---------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, loaded: Loaded, source: VideoSource, config: SessionConfig, *, name: str | None = None, store: Store | None = None) -> "LiveSession":
-        """A new session row for `source` and a fresh stream."""
+    def create(cls, loaded: Loaded, source: VideoSource, config: SessionConfig, *, name: str | None = None, store: Store | None = None,
+               command: str = "run") -> "LiveSession":
+        """A new session row for `source` and a fresh stream; `command` names its first attempt."""
         from .context import check_max_new_tokens, pair_tokens
 
         check_max_new_tokens(loaded, config, pair_tokens(loaded, source.info.resized_height, source.info.resized_width))
+        stream = Stream(loaded, source, config)  # exact memory that cannot hold the video is refused before a row exists
         owns = store is None
         store = store or Store()
         try:
@@ -120,8 +127,8 @@ class LiveSession:
                 versions=snapshots.versions(),
                 config_fingerprint=loaded.fingerprint,  # the model's: a snapshot restores only into it
             )
-            stream = Stream(loaded, source, config, spill_dir=home() / row["name"] / "pages")
-            return cls(store, row, stream, owns_store=owns)
+            stream.spill_to(home() / row["name"] / "pages")
+            return cls(store, row, stream, owns_store=owns, attempt=store.start_attempt(row["id"], command))
         except BaseException:
             if owns:
                 store.close()
@@ -137,8 +144,10 @@ class LiveSession:
         video: str | None = None,
         snapshot: int | None = None,
         store: Store | None = None,
+        command: str = "resume",
     ) -> "LiveSession":
-        """Restore session `name` from its latest snapshot (or number `snapshot`, 1-based).
+        """Restore session `name` from its latest snapshot (or number `snapshot`, 1-based), as a new
+        attempt (named `command`) that goes on from the snapshot's chunk.
 
         Everything (snapshot file, video, model) is checked before the model is used; `load_model(model_id,
         dtype)` is called only once the file and the video passed, with the snapshot's dtype.
@@ -147,7 +156,8 @@ class LiveSession:
         store = store or Store()
         try:
             row = store.get_session(name)
-            snap = read_snapshot(store, row, snapshot)
+            snap_row = snapshot_row(store, row, snapshot)
+            snap = snapshots.read(_resolve(snap_row["path"]), expected_sha256=snap_row["sha256"])
             video_path = check_video(row, video)
             if snap.video_sha256 != row["video_sha256"]:
                 raise snapshots.SnapshotError(f"snapshot {snap.path.name} was made from another video than session {row['name']}'s; the store and the file disagree")
@@ -160,7 +170,9 @@ class LiveSession:
             if str(video_path) != row["video_path"]:
                 store.update_session(row["id"], video_path=str(video_path))
                 row = store.get_session(row["id"])
-            return cls(store, row, stream, owns_store=owns, chunks=snap.state.get("chunks"), dialogue=snap.state.get("dialogue"), snapshot=snap)
+            attempt = store.start_attempt(row["id"], command, from_snapshot=snap_row)
+            return cls(store, row, stream, owns_store=owns, attempt=attempt, chunks=snap.state.get("chunks"),
+                       dialogue=snap.state.get("dialogue"), snapshot=snap)
         except BaseException:
             if owns:
                 store.close()
@@ -207,6 +219,7 @@ class LiveSession:
         self.chunks.append([c.frame_first, c.frame_last, padded, c.cache_tokens])
         self.store.log_chunk(
             self.id,
+            attempt_id=self.attempt["id"],
             chunk_index=c.index,
             frame_first=c.frame_first,
             frame_last=c.frame_last,
@@ -285,6 +298,7 @@ class LiveSession:
         self.last_turn_id = self.store.log_turn(
             self.id,
             mode="streaming",
+            attempt_id=self.attempt["id"],
             at_s=at,
             **ans.turn_fields(),
             extra={
@@ -321,6 +335,7 @@ class LiveSession:
         )
         snap_id = self.store.log_snapshot(
             self.id,
+            attempt_id=self.attempt["id"],
             path=str(written.path),
             bytes=written.bytes,
             sha256=written.sha256,
@@ -350,6 +365,7 @@ class LiveSession:
             "snapshot": self.last_snapshot["path"] if self.last_snapshot else None,
             "snapshot_bytes": self.last_snapshot["bytes"] if self.last_snapshot else None,
             "restored_from": str(self.restored_from.path) if self.restored_from is not None else None,
+            "attempt": self.attempt["number"],
         }
 
 
@@ -359,17 +375,24 @@ def _default_loader(model_id: str, dtype: str) -> Loaded:
     return load(model_id, dtype=dtype)
 
 
-def read_snapshot(store: Store, session: dict, number: int | None = None) -> snapshots.Snapshot:
-    """The session's latest snapshot (or number `number`, 1-based), read and verified against its recorded sha256."""
+def snapshot_row(store: Store, session: dict, number: int | None = None) -> dict:
+    """The store's row for the session's latest snapshot (or number `number`, 1-based)."""
     rows = store.snapshots(session["id"])
     if not rows:
-        raise UserError(f"session {session['name']} has no snapshot to resume from; run it with --snapshot")
+        raise UserError(
+            f"session {session['name']} has no snapshot to resume from; snapshots are saved by "
+            f"`streamchat run --snapshot`, `streamchat resume --snapshot` or F3 in the app"
+        )
     if number is None:
-        row = rows[-1]
-    elif 1 <= number <= len(rows):
-        row = rows[number - 1]
-    else:
-        raise UserError(f"--from {number}: session {session['name']} has snapshots 1 to {len(rows)}")
+        return rows[-1]
+    if 1 <= number <= len(rows):
+        return rows[number - 1]
+    raise UserError(f"--from {number}: session {session['name']} has snapshots 1 to {len(rows)}")
+
+
+def read_snapshot(store: Store, session: dict, number: int | None = None) -> snapshots.Snapshot:
+    """The session's latest snapshot (or number `number`, 1-based), read and verified against its recorded sha256."""
+    row = snapshot_row(store, session, number)
     return snapshots.read(_resolve(row["path"]), expected_sha256=row["sha256"])
 
 
@@ -378,15 +401,15 @@ def check_video(session: dict, video: str | None = None) -> Path:
     path = Path(video) if video else Path(session["video_path"])
     if not path.exists():
         if video:
-            raise UserError(f"--video {video}: no such file")
+            raise UserError(f"{video}: no such file; give the path the session's video has now")
         raise UserError(
-            f"the video of session {session['name']} is no longer at {session['video_path']}; "
-            f"if it moved, pass --video NEW_PATH"
+            f"the video of session {session['name']} is no longer at {session['video_path']}; if it moved, give its new path: "
+            f"`streamchat resume|replay {session['name']} --video NEW_PATH` or `streamchat chat NEW_PATH --resume {session['name']}`"
         )
     if sha256_file(path) != session["video_sha256"]:
         raise UserError(
             f"{path} is not the video session {session['name']} was recorded on (sha256 differs: the file changed); "
-            f"pass the original video with --video PATH"
+            f"give the original video (resume/replay: --video PATH; chat --resume: the VIDEO argument)"
         )
     return path.resolve()
 

@@ -31,9 +31,21 @@ TURN_MODES = ("streaming", "offline")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # it also names the session's folder
 
 
+def home_path() -> Path:
+    """`$STREAMCHAT_HOME`, else the user's data directory (platformdirs: ~/.local/share/streamchat on
+    Linux, ~/Library/Application Support/streamchat on macOS), as `llm` does; read on every call.
+    Not created: `home()` does that."""
+    env = os.environ.get("STREAMCHAT_HOME")
+    if env:
+        return Path(env)
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("streamchat", appauthor=False))
+
+
 def home() -> Path:
-    """`$STREAMCHAT_HOME` (default ./sessions), created if missing; read on every call."""
-    path = Path(os.environ.get("STREAMCHAT_HOME") or "sessions")
+    """`home_path()`, created if missing."""
+    path = home_path()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -166,7 +178,7 @@ class Store:
                 return self.get_session(row["id"])
             except sqlite3.IntegrityError:
                 if name is not None:
-                    raise UserError(f"a session named {name!r} already exists; pick another --name") from None
+                    raise UserError(f"a session named {name!r} already exists; pick another name") from None
                 row["name"] = default_session_name(video_path)
         raise RuntimeError("could not generate an unused session name")
 
@@ -176,17 +188,24 @@ class Store:
             raise UserError(f"no session named {name_or_id}; `streamchat sessions list` shows them")
         return rows[0]
 
-    def list_sessions(self) -> list[dict]:
-        """Newest first, each with `n_chunks`, `n_turns` and `n_snapshots`."""
-        return self._rows(
-            """
+    def list_sessions(self, *, every: bool = True) -> list[dict]:
+        """Most recently updated first, each with `n_chunks` (the live stream's), `n_turns`,
+        `n_snapshots` and `n_attempts`. `every=False` leaves out sessions that logged no turn
+        and saved no snapshot (every `chat` or `run` starts one)."""
+        rows = self._rows(
+            f"""
             select sessions.*,
-              (select count(*) from chunks where chunks.session_id = sessions.id) as n_chunks,
               (select count(*) from turns where turns.session_id = sessions.id) as n_turns,
-              (select count(*) from snapshots where snapshots.session_id = sessions.id) as n_snapshots
-            from sessions order by sessions.id desc
+              (select count(*) from snapshots where snapshots.session_id = sessions.id) as n_snapshots,
+              (select count(*) from attempts where attempts.session_id = sessions.id) as n_attempts
+            from sessions
+            {"" if every else "where n_turns > 0 or n_snapshots > 0"}
+            order by sessions.updated_utc desc, sessions.id desc
             """
         )
+        for row in rows:
+            row["n_chunks"] = len(self.chunks(row["id"]))
+        return rows
 
     def touch(self, session_id: str) -> None:
         with self._write() as db:
@@ -217,6 +236,7 @@ class Store:
                 db.execute(f"delete from {table} where session_id = ?", [session_id])
             db.execute("update turns set replay_of = null where session_id = ?", [session_id])
             db.execute("delete from turns where session_id = ?", [session_id])
+            db.execute("delete from attempts where session_id = ?", [session_id])
             db.execute("delete from sessions where id = ?", [session_id])
         return paths
 
@@ -246,13 +266,63 @@ class Store:
     def log_snapshot(self, session_id: str, **fields: Any) -> str:
         return self._log("snapshots", {"session_id": session_id, **fields})
 
-    def log_run(self, kind: str, report: dict, session_id: str | None = None) -> str:
-        return self._log("runs", {"kind": kind, "session_id": session_id, "report": report}, ("report",))
+    def log_run(self, kind: str, report: dict, session_id: str | None = None, run_id: str | None = None) -> str:
+        """`run_id` (from `new_id()`) when turns logged before the run must point at it (replay)."""
+        fields = {"kind": kind, "session_id": session_id, "report": report}
+        if run_id is not None:
+            fields["id"] = run_id
+        return self._log("runs", fields, ("report",))
+
+    def start_attempt(self, session_id: str, command: str, *, from_snapshot: dict | None = None) -> dict:
+        """A new attempt at session `session_id`: the first (`from_snapshot` None) or one that
+        restored `from_snapshot` (a snapshots row) and goes on from its chunk count."""
+        with self._write() as db:
+            number = db.execute("select coalesce(max(number), 0) + 1 from attempts where session_id = ?", [session_id]).fetchone()[0]
+            row = {
+                "id": new_id(),
+                "session_id": session_id,
+                "number": number,
+                "parent_id": from_snapshot.get("attempt_id") if from_snapshot else None,
+                "from_snapshot_id": from_snapshot["id"] if from_snapshot else None,
+                "start_chunk": (from_snapshot.get("chunks") or 0) if from_snapshot else 0,
+                "command": command,
+                "created_utc": utcnow(),
+            }
+            db["attempts"].insert(row)
+        return row
+
+    def attempts(self, session_id: str) -> list[dict]:
+        """Oldest first; the last one is live."""
+        return self._rows("select * from attempts where session_id = ? order by number", [session_id])
 
     # queries
 
-    def chunks(self, session_id: str) -> list[dict]:
-        return self._rows("select * from chunks where session_id = ? order by chunk_index, id", [session_id])
+    def chunks(self, session_id: str, *, every_attempt: bool = False) -> list[dict]:
+        """The live stream's chunks, one row per chunk index: the newest attempt's own chunks and,
+        below the chunk it resumed from, its parent's (and so on up). Each row has `attempt` (its
+        number). `every_attempt=True`: every row logged, including chunks a later resume re-encoded."""
+        rows = self._rows(
+            "select chunks.*, attempts.number as attempt from chunks left join attempts on attempts.id = chunks.attempt_id "
+            "where chunks.session_id = ? order by chunks.chunk_index, attempts.number, chunks.id",
+            [session_id],
+        )
+        if every_attempt:
+            return rows
+        attempts = {a["id"]: a for a in self.attempts(session_id)}
+        chain, upper = [], float("inf")  # (attempt id, first chunk index, end) from the live attempt up
+        attempt = max(attempts.values(), key=lambda a: a["number"], default=None)
+        while attempt is not None and len(chain) <= len(attempts):
+            chain.append((attempt["id"], attempt["start_chunk"] or 0, upper))
+            upper = min(upper, attempt["start_chunk"] or 0)
+            attempt = attempts.get(attempt["parent_id"])
+        live: dict[int, dict] = {}
+        for row in rows:
+            owned = row["attempt_id"] is None or any(
+                row["attempt_id"] == a and lo <= row["chunk_index"] < hi for a, lo, hi in chain
+            )
+            if owned:
+                live[row["chunk_index"]] = row  # within one attempt the later row wins
+        return [live[i] for i in sorted(live)]
 
     def turns(self, session_id: str, mode: str | None = None) -> list[dict]:
         """Oldest first."""
@@ -268,21 +338,38 @@ class Store:
         rows = self._rows("select * from snapshots where session_id = ? order by id desc limit 1", [session_id])
         return rows[0] if rows else None
 
-    def runs(self, kind: str | None = None, session_id: str | None = None) -> list[dict]:
-        """Newest first."""
+    def runs(self, kind: str | None = None, session_id: str | None = None, n: int = 0) -> list[dict]:
+        """Newest first (the latest `n`; all if n <= 0), each with `session_name` (None for runs
+        of no session, such as compare and bench)."""
         clauses, params = [], []
-        for column, value in (("kind", kind), ("session_id", session_id)):
+        for column, value in (("runs.kind", kind), ("runs.session_id", session_id)):
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(value)
         where = f"where {' and '.join(clauses)}" if clauses else ""
-        return self._rows(f"select * from runs {where} order by id desc", params)
+        return self._rows(
+            f"select runs.*, sessions.name as session_name from runs left join sessions on sessions.id = runs.session_id "
+            f"{where} order by runs.id desc limit ?",
+            params + [n if n > 0 else -1],
+        )
 
-    def logs(self, n: int = 3, query: str | None = None, session: str | None = None) -> list[dict]:
+    def count_turns(self) -> int:
+        with self._lock:
+            return self.db.execute("select count(*) from turns").fetchone()[0]
+
+    def logs(self, n: int = 3, query: str | None = None, session: str | None = None, model: str | None = None,
+             run: str | None = None) -> list[dict]:
         """The latest `n` turns (all if n <= 0), newest last, like `llm logs`; each has
-        `session_name`. `query` is full-text search over questions and answers: every word
-        must appear."""
+        `session_name`, `model_id` and `attempt` (its attempt's number). `query` is full-text
+        search over questions and answers: every word must appear. `model`: the session's
+        model id; `run`: the run (a replay) that logged the turn."""
         clauses, params = [], {"limit": n if n > 0 else -1}
+        if model is not None:
+            clauses.append("sessions.model_id = :model")
+            params["model"] = model
+        if run is not None:
+            clauses.append("turns.run_id = :run")
+            params["run"] = run
         if query is not None:
             # Quote each word as FTS5 sees words (unicode61 splits on non-word characters),
             # so user text such as `what's "that"?` is never FTS syntax.
@@ -297,8 +384,9 @@ class Store:
         where = f"where {' and '.join(clauses)}" if clauses else ""
         rows = self._rows(
             f"""
-            select turns.*, sessions.name as session_name
+            select turns.*, sessions.name as session_name, sessions.model_id as model_id, attempts.number as attempt
             from turns join sessions on sessions.id = turns.session_id
+            left join attempts on attempts.id = turns.attempt_id
             {where} order by turns.id desc limit :limit
             """,
             params,
@@ -316,6 +404,7 @@ class Store:
         doc = {
             "session": _plain(session),
             "chunk_summary": summarize_chunks(chunks),
+            "attempts": [_plain(a) for a in self.attempts(session["id"])],
             "chunks": [_plain(c) for c in chunks],
             "turns": [_plain(t) for t in self.turns(session["id"])],
             "snapshots": [_plain(s) for s in self.snapshots(session["id"])],
@@ -361,7 +450,18 @@ def _fmt(value: Any, unit: str = "", digits: int = 1) -> str:
 
 
 def _mib(value: int | None) -> str:
-    return "–" if value is None else f"{value / 2**20:.1f} MiB"
+    """None: not logged; 0: no GPU to measure (the CPU reports no memory figures)."""
+    if value is None:
+        return "–"
+    return "n/a" if value == 0 else f"{value / 2**20:.1f} MiB"
+
+
+def _attempts_md(attempts: list[dict]) -> list[str]:
+    """A line on the attempts when a resume made more than one (the chunks above are the live one's)."""
+    if len(attempts) < 2:
+        return []
+    parts = [f"{a['number']}: {a['command']}" + (f" from chunk {a['start_chunk']}" if a.get("from_snapshot_id") else "") for a in attempts]
+    return ["", f"{len(attempts)} attempts ({'; '.join(parts)}); live: {attempts[-1]['number']}."]
 
 
 def _markdown(doc: dict) -> str:
@@ -393,6 +493,7 @@ def _markdown(doc: dict) -> str:
         f"cache {_fmt(cs['cache_tokens_after'])} tokens ({_mib(cs['cache_bytes'])}) after the last; "
         f"encode {_fmt(cs['encode_ms_mean'], ' ms')} mean, {_fmt(cs['encode_ms_total'], ' ms')} total; "
         f"GPU peak {_mib(cs['gpu_peak_bytes'])}.",
+        *_attempts_md(doc.get("attempts") or []),
         "",
         "## Turns",
     ]

@@ -42,6 +42,11 @@ class Stream:
         self.next_frame = 0  # plan position of the next frame to encode
         self._cache: dict[int, np.ndarray] = {}
 
+    def spill_to(self, folder: Path) -> None:
+        """Where a bounded stream's archive pages spill (a session's folder, known once its row exists)."""
+        self.engine.spill_dir = folder
+        self.engine.book.archive.spill_dir = folder
+
     @property
     def total_frames(self) -> int:
         return len(self.source.plan)

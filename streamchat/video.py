@@ -24,6 +24,10 @@ TIME_EPS = 1e-4
 
 def _fix(path: Path) -> str:
     """What to do about a file ffmpeg cannot fully decode."""
+    from .containers import lacks_moov
+
+    if lacks_moov(path):
+        return "it is an MP4/MOV without its index (no moov atom: recording or download stopped early), which no re-encode can read; export or download it again"
     return f"re-download it, or re-encode what decodes: ffmpeg -i '{path}' -c:v libx264 -pix_fmt yuv420p fixed.mp4"
 
 

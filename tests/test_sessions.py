@@ -367,7 +367,7 @@ def test_interrupt_keeps_what_was_logged_and_exits_130(home, clip_24fps, capsys,
     monkeypatch.setattr(LiveSession, "ask", interrupted)
     rc, out, err = cli(capsys, "run", clip_24fps, *ENGINE, "--ask", Q1, "--ask", Q2, "--session", "cut", "--json")
     # chunks [0-3] [4+4] for the question at 1 s, [5-8] on the way to 2 s
-    assert rc == 130 and out == "" and "session cut keeps what was logged (3 chunks, 1 turns)" in err
+    assert rc == 130 and out == "" and "session cut keeps what was logged (3 chunks, 1 turn)" in err
     with Store() as store:
         s = store.get_session("cut")
         assert len(store.chunks(s["id"])) == 3 and [t["question"] for t in store.turns(s["id"])] == ["What is red?"]
@@ -435,7 +435,7 @@ def test_sessions_list_show_export_and_rm(part, clip_24fps, home, capsys):
     cli_json(capsys, "resume", "part", "--ask", Q2, "--snapshot")
     listed = cli_json(capsys, "sessions")["sessions"]
     assert [(r["name"], r["n_chunks"], r["n_turns"], r["n_snapshots"]) for r in listed] == [("part", 4, 2, 2)]
-    assert cli_json(capsys, "sessions", "list") == {"sessions": listed}
+    assert cli_json(capsys, "sessions", "list") == {"sessions": listed, "hidden_empty": 0}
     rc, out, _ = cli(capsys, "sessions", "list")
     assert rc == 0 and out.splitlines()[1].startswith("part ") and clip_24fps.name in out
 

@@ -55,7 +55,9 @@ def test_home_reads_env_each_call_and_creates_the_folder(tmp_path, monkeypatch):
     assert home() == tmp_path / "b" / "c" and (tmp_path / "b" / "c").is_dir()
     monkeypatch.delenv("STREAMCHAT_HOME")
     monkeypatch.chdir(tmp_path)
-    assert home() == Path("sessions") and (tmp_path / "sessions").is_dir()
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))  # where platformdirs puts user data on Linux
+    assert home() == tmp_path / "xdg" / "streamchat" and (tmp_path / "xdg" / "streamchat").is_dir()
+    assert not (tmp_path / "sessions").exists()  # no longer the folder the command runs in
 
 
 def test_store_defaults_to_home_and_uses_wal(store, tmp_path):
@@ -86,9 +88,12 @@ def test_create_get_and_list_sessions(store):
     store.log_chunk(first["id"], chunk_index=1, tokens=64)
     store.log_turn(first["id"], question="q", answer="a")
     listed = store.list_sessions()
-    assert [s["name"] for s in listed] == ["second", first["name"]]  # newest first
-    assert [(s["n_chunks"], s["n_turns"], s["n_snapshots"]) for s in listed] == [(0, 0, 0), (2, 1, 0)]
-    assert listed[1]["updated_utc"] > listed[1]["created_utc"]  # logging touches the session
+    assert [s["name"] for s in listed] == [first["name"], "second"]  # most recently updated first, not created
+    assert [(s["n_chunks"], s["n_turns"], s["n_snapshots"]) for s in listed] == [(2, 1, 0), (0, 0, 0)]
+    assert listed[0]["updated_utc"] > listed[1]["updated_utc"] > listed[0]["created_utc"]  # logging touches the session
+    assert [s["name"] for s in store.list_sessions(every=False)] == [first["name"]]  # nothing logged: hidden
+    store.touch(second["id"])
+    assert [s["name"] for s in store.list_sessions()] == ["second", first["name"]]
 
 
 def test_duplicate_or_bad_session_name_and_missing_session_are_user_errors(store):

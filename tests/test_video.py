@@ -325,8 +325,12 @@ def test_truncated_file_is_a_user_error(tmp_path, faststart):
     cut = tmp_path / "cut.mp4"
     data = full.read_bytes()
     cut.write_bytes(data[: len(data) * 3 // 10])
-    with pytest.raises(UserError, match=r"cut\.mp4.*(truncated|corrupt).*ffmpeg -i"):
+    # faststart puts the index (moov) first: what was written can be re-encoded. Without it the index
+    # was to come last and is gone: no ffmpeg command can read the file, it must be fetched again.
+    advice = r"ffmpeg -i" if faststart else r"no moov atom.*export or download it again"
+    with pytest.raises(UserError, match=r"cut\.mp4.*(truncated|corrupt).*" + advice) as e:
         VideoSource(cut)
+    assert ("fixed.mp4" in str(e.value)) == faststart
 
 
 def test_missing_file_is_a_user_error(tmp_path):
