@@ -234,7 +234,6 @@ class ChatApp(App[None]):
         view = self.turns.get(message.turn) if self._mine(message) else None
         if view is None:
             return
-        view.stream = Markdown.get_stream(view.answer)
         view.figures.update(f"answering at {message.at_s:.1f} s ({message.frames} frames)…")
         chunk = -(-message.frames // self.info.chunk_frames) - 1 if self.info else 0
         timeline = self.timeline
@@ -243,10 +242,16 @@ class ChatApp(App[None]):
 
     async def on_answer_token(self, message: m.AnswerToken) -> None:
         view = self.turns.get(message.turn) if self._mine(message) else None
-        if view is None or view.stream is None:
+        if view is None:
             return
         if message.text.startswith(view.written):  # else: a character was re-decoded; the final update fixes it
             delta, view.written = message.text[len(view.written):], message.text
+            if not delta:
+                return
+            if view.stream is None:
+                # Made at the first token, not when the answer starts: stop() on a stream whose task never
+                # ran re-raises the task's CancelledError, which cancels the handler and shuts the app down.
+                view.stream = Markdown.get_stream(view.answer)
             await view.stream.write(delta)
 
     async def on_answer_done(self, message: m.AnswerDone) -> None:
