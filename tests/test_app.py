@@ -330,34 +330,6 @@ async def test_app_session_is_listed_exported_and_replayed_by_the_cli(tiny, app_
     assert report["all_identical"] is True and report["replayed"] == 1
 
 
-def test_chat_command_errors_are_one_line(capsys, tmp_path):
-    from streamchat.cli import main
-
-    assert main(["chat"]) == 2
-    assert "give a VIDEO" in capsys.readouterr().err
-    assert main(["chat", "--resume", "nope"]) == 2
-    assert "no session named nope" in capsys.readouterr().err
-    assert main(["chat", str(tmp_path / "missing.mp4"), "--model", "tiny-random"]) == 2
-    assert "video not found" in capsys.readouterr().err
-    (tmp_path / "keys.json").write_text("[1, 2]")
-    assert main(["demo", "--keymap", str(tmp_path / "keys.json")]) == 2
-    assert "must be a JSON object of binding id to keys" in capsys.readouterr().err
-
-
-def test_demo_writes_a_clip_in_home_and_opens_tiny_random_with_a_note(monkeypatch, streamchat_home):
-    import streamchat.cli_app as cli_app
-    from streamchat.cli import main
-
-    opened = {}
-    monkeypatch.setattr(cli_app, "_run", lambda launch, keymap: opened.setdefault("launch", launch) and 0)
-    assert main(["demo", "--seconds", "1"]) == 0
-    launch = opened["launch"]
-    assert launch.config.model == "tiny-random" and launch.device == "cpu" and launch.config.history == "keep"
-    assert "random weights" in launch.note and "noise" in launch.note
-    assert launch.realtime is True  # the demo streams at the clip's own pace, so there is encoding to watch
-    assert launch.video.startswith(str(streamchat_home)) and (streamchat_home / "demo").is_dir()
-
-
 def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(tiny, app_clip):
     from streamchat.app.worker import EngineWorker, open_session
 

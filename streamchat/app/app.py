@@ -52,6 +52,11 @@ def figures_line(f: dict) -> str:
     )
 
 
+def binding_ids() -> list[str]:
+    """Every binding id that --keymap can remap: the app's and its screens'."""
+    return [b.id for cls in (ChatApp, SessionsScreen, HelpScreen, ConfirmDiscard) for b in cls.BINDINGS if b.id]
+
+
 class ChatApp(App[None]):
     """`streamchat chat`: the video panel on the left, the chat on the right."""
 
@@ -80,6 +85,7 @@ class ChatApp(App[None]):
         self._engine_gen = 0  # which engine worker the messages must come from
         self.state = "starting"
         self.info: m.EngineReady | None = None
+        self.session_name: str | None = None  # the last session opened (printed with its resume command on quit)
         self.turns: dict[int, TurnView] = {}
         self.turn_count = 0
         self.last_answer: str | None = None
@@ -195,6 +201,7 @@ class ChatApp(App[None]):
             self.turns[self.turn_count] = view
             self.last_answer = t["answer"]
             self.ttft_plot.add(t["cache_tokens"] or 0, t["ttft_ms"] or 0.0)
+        self.session_name = message.session
         self.info = message  # last: tests and other handlers take a set `info` to mean "ready and shown"
         self._show_state()
         self._show_rate()
