@@ -222,7 +222,13 @@ def cmd_sessions(args) -> int:
         elif action == "show":
             emit(args, *_show(store, args.name))
         elif action == "rm":
-            name = store.get_session(args.name)["name"]
+            from .inuse import holder
+
+            session = store.get_session(args.name)
+            name = session["name"]
+            pid = holder(session["id"])
+            if pid is not None:
+                raise UserError(f"session {name} is open in `streamchat chat` (process {pid}); quit the app first, then remove it")
             removed = _remove(store, args.name)
             emit(args, {"removed": name, "snapshot_files": removed}, f"removed session {name} and {len(removed)} snapshot files")
         elif action == "export":

@@ -50,3 +50,51 @@ async def test_a_question_that_fails_at_once_leaves_the_app_and_the_session_up(t
         await until(pilot, lambda: app.state == "done", what="encoding goes on after the failures")
     row, chunks, turns = session_row()
     assert len(chunks) == 4 and turns == []
+
+
+@aio
+async def test_sessions_rm_refuses_a_session_the_app_has_open(tiny, app_clip, capsys):
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from streamchat.cli import main
+
+    def rm() -> subprocess.CompletedProcess:  # from another process, as a user in a second terminal would
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": root}
+        return subprocess.run([sys.executable, "-m", "streamchat", "sessions", "rm", "app-test"], env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        done = await asyncio.to_thread(rm)
+        assert done.returncode == 2 and done.stdout == ""
+        assert done.stderr == (f"streamchat: error: session app-test is open in `streamchat chat` (process {os.getpid()}); "
+                               "quit the app first, then remove it\n")
+        await ask(pilot, "Still logged?")
+        await until(pilot, lambda: app.last_answer is not None, what="answer")
+    assert len(session_row()[2]) == 1
+    assert main(["sessions", "rm", "app-test"]) == 0  # the app is closed: the lock went with it
+
+
+@aio
+async def test_a_session_removed_under_the_app_is_an_error_line_not_a_crash(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=1)
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        with Store() as store:
+            store.delete_session("app-test")  # what `sessions rm` did before it checked for the app
+        for turn in (1, 2):
+            await ask(pilot, "What is red?")
+            await until(pilot, lambda: app.turns[turn].figures.has_class("error"), what=f"error {turn}")
+            line = str(app.turns[turn].figures.render())
+            assert line == ("✖ session app-test is no longer in the store (removed while the app had it open?), "
+                            "so nothing more is logged; start a new session to keep a log")
+            assert app.turns[turn].written and app.turns[turn].answer.source == app.turns[turn].written  # shown
+        await pilot.press("f2")  # encoding goes on until the next chunk cannot be logged
+        await until(pilot, lambda: any("encoding stopped: session app-test is no longer" in t for t in chat_texts(app)),
+                    what="encoding error")
+        assert app.is_running and app.state == "paused"

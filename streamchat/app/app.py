@@ -19,6 +19,7 @@ from textual.widgets.markdown import MarkdownStream
 
 from ..store import Store
 from . import messages as m
+from .rate import rate_text
 from .screens import ConfirmDiscard, HelpScreen, SessionsScreen
 from .widgets import ChunkTimeline, FrameView, MetricsStrip, PointPlot
 from .worker import ChunkGate, EngineWorker, Launch
@@ -94,6 +95,7 @@ class ChatApp(App[None]):
         self._frames_done = 0  # plan frames in the cache
         self._frames_run = 0  # frames encoded by this worker, and the wall time they took
         self._wall_run = 0.0
+        self._position_s = 0.0  # video second of the last frame in the cache
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -165,16 +167,11 @@ class ChatApp(App[None]):
 
     def _show_rate(self) -> None:
         info = self.info
-        frames = self._frames_done
-        if not info or not self._wall_run:
-            self.rate.update(f"{frames}/{info.total_frames if info else 0} frames")
-            return
-        fps = self._frames_run / self._wall_run
-        left = (info.total_frames - frames) / fps if fps else 0.0
-        self.rate.update(
-            f"{frames}/{info.total_frames} frames · {fps:.1f} fps\n"
-            f"{fps / info.sampled_fps:.1f}× real time · {left:.0f} s left"
-        )
+        self.rate.update(rate_text(
+            done=self._frames_done, total=info.total_frames if info else 0, frames_run=self._frames_run,
+            wall_s=self._wall_run, sampled_fps=info.sampled_fps if info else 0.0, realtime=self.launch.realtime,
+            video_left_s=(info.end_s - self._position_s) if info else 0.0,
+        ))
 
     # --- engine messages ----------------------------------------------------------------------
 
@@ -182,6 +179,7 @@ class ChatApp(App[None]):
         if not self._mine(message):
             return
         self._frames_done = message.frames_done
+        self._position_s = message.position_s
         timeline = self.timeline
         chunks = -(-message.total_frames // message.chunk_frames)
         timeline.reset(chunks, cached=message.frames_done // message.chunk_frames)
@@ -222,6 +220,7 @@ class ChatApp(App[None]):
         s = message.stats
         self.unsaved = True
         self._frames_done = message.frames_done
+        self._position_s = s.t_end_s
         self._frames_run += s.frame_last - s.frame_first + 1
         self._wall_run += message.wall_s
         self.timeline.encoded(s.index, s.encode_s * 1000)
@@ -278,8 +277,10 @@ class ChatApp(App[None]):
         if view is None:
             return
         await self._finish_stream(view)
-        await view.answer.update("")
-        view.answer.add_class("hidden")
+        if view.written:  # the tokens shown so far stay, marked by the error under them
+            await view.answer.update(view.written)
+        else:
+            view.answer.add_class("hidden")
         view.figures.update(Text(f"✖ {message.error}"))
         view.figures.add_class("error")
 

@@ -26,6 +26,8 @@ class EngineReady(Message):
     chunk_frames: int
     sampled_fps: float
     frames_done: int  # > 0 when resumed from a snapshot
+    position_s: float = 0.0  # video second of the last frame in the cache
+    end_s: float = 0.0  # video second of the last sampled frame
     history: list[dict] = field(default_factory=list)  # earlier turns of a resumed session
     chunks: list[dict] = field(default_factory=list)  # earlier chunks of a resumed session (store rows)
 

@@ -12,6 +12,7 @@ the CLI, and snapshots are the same files.
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from typing import Callable
 
 from ..config import SessionConfig
 from ..engine import Answer
+from .. import inuse
 from ..errors import UserError
 from ..models import Loaded
 from ..session import LiveSession
@@ -206,6 +208,7 @@ class EngineWorker:
             self._set_state("failed")
             self.post(m.EngineFailed(error_line(exc), fatal=True))
             return
+        held = inuse.hold(self.live.id)  # `sessions rm` refuses while the app has the session open
         try:
             self._hook_encode()
             self.post(self._ready())
@@ -221,7 +224,19 @@ class EngineWorker:
                 elif busy:
                     self._encode_one()
         finally:
+            held.release()
             self.live.close()
+
+    def _explain(self, exc: BaseException) -> str:
+        """error_line, except when the store lost the session (removed while open, the database replaced):
+        then say so, since sqlite's own words (FOREIGN KEY constraint failed) do not."""
+        if isinstance(exc, sqlite3.IntegrityError) and self.live is not None:
+            try:
+                self.live.store.get_session(self.live.id)
+            except UserError:
+                return (f"session {self.live.name} is no longer in the store (removed while the app had it open?), "
+                        "so nothing more is logged; start a new session to keep a log")
+        return error_line(exc)
 
     def _due(self) -> bool:
         """With --realtime, whether the next chunk's last frame has "arrived" (pauses don't count)."""
@@ -252,6 +267,8 @@ class EngineWorker:
             chunk_frames=s.config.chunk_frames,
             sampled_fps=s.fps,
             frames_done=s.next_frame,
+            position_s=live.position_s,
+            end_s=s.source.plan[-1][1] if s.total_frames else 0.0,
             history=history,
             chunks=chunks,
         )
@@ -288,7 +305,7 @@ class EngineWorker:
         except Exception as exc:  # noqa: BLE001 - the app shows it; encoding pauses until resumed
             self._paused.set()
             self._set_state("paused")
-            self.post(m.EngineFailed(f"encoding stopped: {error_line(exc)}"))
+            self.post(m.EngineFailed(f"encoding stopped: {self._explain(exc)}"))
             return
         if stats is not None:
             self.post(m.ChunkEncoded(stats, self.live.stream.next_frame, self.clock() - t0))
@@ -317,7 +334,7 @@ class EngineWorker:
         try:
             job()
         except Exception as exc:  # noqa: BLE001
-            self.post(m.Notice(error_line(exc), kind="error"))
+            self.post(m.Notice(self._explain(exc), kind="error"))
         finally:
             self._set_state()
 
@@ -338,7 +355,7 @@ class EngineWorker:
         try:
             ans = live.ask(question, on_token=on_token)
         except Exception as exc:  # noqa: BLE001
-            self.post(m.AnswerFailed(turn, error_line(exc)))
+            self.post(m.AnswerFailed(turn, self._explain(exc)))
         else:
             self.last = (ans, live.last_turn_id)
             figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s}
