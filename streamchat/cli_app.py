@@ -115,26 +115,13 @@ def _load(args, model_id: str, dtype: str, max_new_tokens: int):
 
 
 def _prepare_resume(args):
-    """Everything `chat --resume NAME` can check before a model is loaded: the session, its latest
-    snapshot file (header only) and its video. Returns (model id, snapshot dtype, max_new_tokens)."""
+    """Everything `chat --resume NAME` can check before a model is loaded (the session, its latest
+    snapshot's file, its video). Returns (model id, snapshot dtype, max_new_tokens)."""
+    from .app.worker import check_resumable
     from .config import SessionConfig
-    from .session import _resolve, check_video
-    from .snapshots import read_header
-    from .store import Store
 
-    with Store() as store:
-        row = store.get_session(args.resume)  # a missing name is a one-line error
-        snaps = store.snapshots(row["id"])
-    name = row["name"]
-    if not snaps:
-        raise UserError(
-            f"session {name} has no snapshot, so there is no cache to resume (save one with F3 in the app); "
-            f"`streamchat sessions show {name}` shows its log"
-        )
-    _, meta, _ = read_header(_resolve(snaps[-1]["path"]))  # missing or truncated: a one-line SnapshotError
-    check_video(row, args.video)
-    config = SessionConfig.from_dict(row["config"])
-    return row["model_id"], meta.get("dtype", "auto"), config.max_new_tokens
+    row, meta = check_resumable(args.resume, args.video)
+    return row["model_id"], meta.get("dtype", "auto"), SessionConfig.from_dict(row["config"]).max_new_tokens
 
 
 def _check_name_free(name: str | None) -> None:

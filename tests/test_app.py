@@ -104,6 +104,9 @@ async def test_question_while_encoding_is_answered_at_the_current_position_then_
         assert f"{turns[0]['new_tokens']} tokens" in figures
         timeline = app.query_one(ChunkTimeline)
         assert timeline.marks == {1} and timeline.cached == 2 and timeline.encoding == 2
+        # history=keep: the status bar counts the kept turn, as the next answer's figures will
+        kept = chunks[-1]["cache_tokens_after"] + turns[0]["new_tokens"]
+        assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens > kept
         gate.allow(None)
         await until(pilot, lambda: app.state == "done", what="done")
         assert len(session_row()[1]) == 4
@@ -175,8 +178,11 @@ async def test_snapshot_quit_then_resume_continues_the_conversation(tiny, app_cl
 
 
 @aio
-async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip):
-    app, gate = make_app(tiny, app_clip, allow=1, name="older")
+async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip, tmp_path):
+    from streamchat.clips import make_clip
+
+    other = make_clip(tmp_path / "other.mp4", seconds=2.0, fps=24.0, width=160, height=96)  # another video
+    app, gate = make_app(tiny, other, allow=1, name="older")
     async with app.run_test(size=SIZE) as pilot:
         await pause_after(pilot, app, gate, 2)
         await pilot.press("f3")  # save a snapshot of 'older' at two chunks
@@ -189,13 +195,21 @@ async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip):
         await until(pilot, lambda: isinstance(app.screen, SessionsScreen))
         table = app.screen.query_one(DataTable)
         names = [table.get_row_at(i)[0] for i in range(table.row_count)]
-        assert names == ["newer", "older"]  # newest first
-        assert table.get_row_at(1)[5] == 1  # older has one snapshot
-        await pilot.press("down", "enter")
+        assert names == ["older"]  # 'newer' (this one) has no snapshot yet: nothing to resume
+        assert table.get_row_at(0)[5] == 1  # older has one snapshot
+        title = str(app.screen.query_one("#sessions-title", Static).render())
+        assert "1 session without a snapshot (nothing to resume) not listed" in title
+        newer_frame = app.frame_view._frame
+        await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ConfirmDiscard), what="ask before leaving 'newer'")
         await pilot.press("d")
         await until(pilot, lambda: app.info is not None and app.info.session == "older", what="switched")
         assert app.info.frames_done == 4 and app.query_one(ChunkTimeline).cached == 2
+        # the preview shows older's video: its last cached frame (3), or the last of the chunk it started (5)
+        shown, older_frames = app.frame_view._frame, app.engine.live.stream.read_frames([3, 5])
+        assert shown is not None and shown.shape != newer_frame.shape
+        assert any((shown == f).all() for f in older_frames)
+        assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens
         await until(pilot, lambda: gate.waiting == 2, what="'older' held in its chunk 2")
         gate.allow(None)
         await until(pilot, lambda: app.state == "done")
@@ -355,3 +369,19 @@ def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(
         assert worker._due() is True
     finally:
         worker.live.close()
+
+
+@aio
+async def test_a_resumed_finished_session_shows_its_last_frame_and_cache(tiny, tmp_path):
+    from streamchat.cli import main
+    from streamchat.clips import make_clip
+
+    clip = make_clip(tmp_path / "done.mp4", seconds=1.0, fps=8.0, width=112, height=112)  # 2 s at 2 fps: 2 frames
+    assert main(["run", str(clip), "--model", "tiny-random", "--session", "finished", "--snapshot", "--json"]) == 0
+    app = ChatApp(Launch(resume="finished", device="cpu", loaded=tiny))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.info is not None and app.state == "done", what="resumed, nothing to encode")
+        stream = app.engine.live.stream
+        assert stream.next_frame == stream.total_frames == 2
+        assert (app.frame_view._frame == stream.read_frames([1])[0]).all()  # no chunk ran: the frame came with the session
+        assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens > 0

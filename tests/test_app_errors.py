@@ -98,3 +98,37 @@ async def test_a_session_removed_under_the_app_is_an_error_line_not_a_crash(tiny
         await until(pilot, lambda: any("encoding stopped: session app-test is no longer" in t for t in chat_texts(app)),
                     what="encoding error")
         assert app.is_running and app.state == "paused"
+
+
+@aio
+async def test_picking_a_session_that_cannot_open_keeps_the_current_one(tiny, app_clip, tmp_path):
+    import os
+    import shutil
+
+    from textual.widgets import DataTable
+
+    from streamchat.app.screens import SessionsScreen
+
+    moved = tmp_path / "moved.mp4"
+    shutil.copy(app_clip, moved)
+    app, gate = make_app(tiny, moved, allow=1, name="gone-video")
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        await pilot.press("f3")
+        await until(pilot, lambda: not app.unsaved, what="snapshot saved")
+    os.remove(moved)
+    app, gate = make_app(tiny, app_clip, allow=1, name="current")
+    async with app.run_test(size=SIZE) as pilot:
+        await pause_after(pilot, app, gate, 2)
+        engine = app.engine
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, SessionsScreen))
+        assert app.screen.query_one(DataTable).get_row_at(0)[0] == "gone-video"
+        await pilot.press("enter")
+        await until(pilot, lambda: any("cannot open session gone-video" in t for t in chat_texts(app)), what="refusal")
+        line = next(t for t in chat_texts(app) if "cannot open session gone-video" in t)
+        assert f"the video of session gone-video is no longer at {moved}" in line
+        assert app.engine is engine and app.info.session == "current" and app.state == "paused"
+        await ask(pilot, "Still here?")
+        await until(pilot, lambda: app.last_answer is not None, what="answer in the current session")
+    assert len(session_row("current")[2]) == 1

@@ -6,6 +6,7 @@ in `messages.py`; the UI reaches the engine only through the worker's non-blocki
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
@@ -17,12 +18,13 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Input, Markdown, ProgressBar, Static
 from textual.widgets.markdown import MarkdownStream
 
+from ..errors import UserError
 from ..store import Store
 from . import messages as m
 from .rate import rate_text
 from .screens import ConfirmDiscard, HelpScreen, SessionsScreen
 from .widgets import ChunkTimeline, FrameView, MetricsStrip, PointPlot
-from .worker import ChunkGate, EngineWorker, Launch
+from .worker import ChunkGate, EngineWorker, Launch, check_resumable
 
 STATE_STYLE = {
     "starting": "loading…",
@@ -186,9 +188,9 @@ class ChatApp(App[None]):
         for c in message.chunks:
             timeline.encode_ms[c["chunk_index"]] = c["encode_ms"] or 0.0
             self.encode_plot.add(c["cache_tokens_after"] or 0, c["encode_ms"] or 0.0)
-        if message.chunks:
-            last = message.chunks[-1]
-            self.metrics.set(cache_tokens=last["cache_tokens_after"], cache_bytes=last["cache_bytes"])
+        self.metrics.set(cache_tokens=message.cache_tokens, cache_bytes=message.cache_bytes)
+        if message.frame is not None:
+            self.frame_view.show(message.frame)
         self.progress.update(total=message.total_frames, progress=message.frames_done)
         for t in message.history:
             self.turn_count += 1
@@ -270,6 +272,7 @@ class ChatApp(App[None]):
         view.figures.update(figures_line(message.figures))
         self.last_answer = message.text
         self.unsaved = True
+        self.metrics.set(cache_tokens=message.figures["cache_tokens_after"], cache_bytes=message.figures["cache_bytes_after"])
         self.ttft_plot.add(message.figures["cache_tokens"], message.figures["ttft_ms"])
 
     async def on_answer_failed(self, message: m.AnswerFailed) -> None:
@@ -377,11 +380,19 @@ class ChatApp(App[None]):
     def action_sessions(self) -> None:
         with Store() as store:
             rows = store.list_sessions()
-        self.push_screen(SessionsScreen(rows), self._session_chosen)
+        resumable = [r for r in rows if r["n_snapshots"]]  # without a snapshot there is no cache to resume
+        self.push_screen(SessionsScreen(resumable, hidden=len(rows) - len(resumable)), self._session_chosen)
 
-    def _session_chosen(self, name: str | None) -> None:
-        if name:
-            self._leave("switch", lambda: self.call_later(self.switch_session, name))
+    async def _session_chosen(self, name: str | None) -> None:
+        if not name:
+            return
+        try:  # before anything is torn down: the current session stays if the chosen one cannot open
+            await asyncio.to_thread(check_resumable, name)
+        except UserError as exc:
+            await self._chat_line(f"✖ cannot open session {name}: {exc}", "error")
+            self.notify(str(exc), title=f"cannot open {name}", severity="error")
+            return
+        self._leave("switch", lambda: self.call_later(self.switch_session, name))
 
     async def switch_session(self, name: str) -> None:
         """Stop this session's worker, clear the view, and open `name` from its snapshot."""
@@ -394,10 +405,11 @@ class ChatApp(App[None]):
         for plot in (self.encode_plot, self.ttft_plot):
             plot.clear()
         self.timeline.reset(0)
+        self.frame_view.clear()
         self.progress.update(total=None, progress=0)
         self.metrics.set(cache_tokens=0, cache_bytes=0, allocated=None, reserved=None, fps=None)
         self.info, self.state, self.turns, self.turn_count, self.last_answer = None, "starting", {}, 0, None
-        self.unsaved, self._frames_done, self._frames_run, self._wall_run = False, 0, 0, 0.0
+        self.unsaved, self._frames_done, self._frames_run, self._wall_run, self._position_s = False, 0, 0, 0.0, 0.0
         self._show_state()
         loaded = old.loaded if old is not None else None
         self.start_engine(replace(self.launch, resume=name, video=None, name=None, loaded=loaded))

@@ -10,7 +10,7 @@ from textual.widgets import Button, DataTable, Footer, Static
 
 
 class SessionsScreen(Screen[str | None]):
-    """Every session in the store, newest first; Enter resumes the highlighted one."""
+    """The sessions that can be resumed (those with a snapshot), newest first; Enter resumes the highlighted one."""
 
     BINDINGS = [
         Binding("escape", "close", "Back", id="sessions.close"),
@@ -19,12 +19,17 @@ class SessionsScreen(Screen[str | None]):
 
     COLUMNS = ("name", "video", "model", "chunks", "turns", "snaps", "updated (UTC)")
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], hidden: int = 0):
         super().__init__()
         self.rows = rows
+        self.hidden = hidden  # sessions left out: no snapshot to resume from
 
     def compose(self) -> ComposeResult:
-        yield Static("Sessions: Enter resumes from the latest snapshot, Esc goes back", id="sessions-title")
+        title = "Sessions with a snapshot: Enter resumes from the latest one, Esc goes back."
+        if self.hidden:
+            title += (f"\n{self.hidden} session{'s' if self.hidden != 1 else ''} without a snapshot "
+                      "(nothing to resume) not listed; `streamchat sessions list` shows all.")
+        yield Static(title, id="sessions-title")
         yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
         yield Footer()
 
@@ -37,7 +42,8 @@ class SessionsScreen(Screen[str | None]):
             table.add_row(r["name"], video, r["model_id"], r["n_chunks"], r["n_turns"], r["n_snapshots"],
                           r["updated_utc"][:16].replace("T", " "), key=r["name"])
         if not self.rows:
-            self.query_one("#sessions-title", Static).update("No sessions in the store yet. Esc goes back.")
+            self.query_one("#sessions-title", Static).update(
+                "No session has a snapshot to resume yet (F3 saves one). Esc goes back.")
         table.focus()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:

@@ -37,6 +37,11 @@ class FrameView(Widget):
         self._for_size = None
         self.refresh()
 
+    def clear(self) -> None:
+        self._frame = None
+        self._for_size = None
+        self.refresh()
+
     def _build(self, width: int, height: int) -> list[Strip]:
         frame = self._frame
         if frame is None or width < 1 or height < 1:

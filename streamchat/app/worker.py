@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..config import SessionConfig
 from ..engine import Answer
-from .. import inuse
+from .. import hf, inuse
 from ..errors import UserError
 from ..models import Loaded
 from ..session import LiveSession
@@ -74,6 +74,26 @@ class ChunkGate:
 
 class Stopped(Exception):
     """The worker was asked to stop while it was inside a chunk."""
+
+
+def check_resumable(name: str, video: str | None = None) -> tuple[dict, dict[str, str]]:
+    """What can be checked before a session is resumed, without a model and without reading the cache:
+    the session, its latest snapshot's file (header only) and its video (by sha256). Returns the
+    session's row and the snapshot's metadata; raises a one-line UserError."""
+    from ..session import _resolve, check_video
+    from ..snapshots import read_header
+
+    with Store() as store:
+        row = store.get_session(name)
+        snaps = store.snapshots(row["id"])
+    if not snaps:
+        raise UserError(
+            f"session {row['name']} has no snapshot, so there is no cache to resume (save one with F3 in the app); "
+            f"`streamchat sessions show {row['name']}` shows its log"
+        )
+    _, meta, _ = read_header(_resolve(snaps[-1]["path"]))  # missing or truncated: a one-line SnapshotError
+    check_video(row, video)
+    return row, meta
 
 
 def open_session(launch: Launch, loaded: Loaded | None) -> LiveSession:
@@ -260,6 +280,9 @@ class EngineWorker:
             chunks = [by_index[i] for i in sorted(by_index) if i < live.engine.chunks_encoded]
         return m.EngineReady(
             session=live.name,
+            frame=s.read_frames([s.next_frame - 1])[0] if s.next_frame else None,
+            cache_tokens=live.engine.cache_tokens,
+            cache_bytes=hf.cache_bytes(live.engine.cache),
             video=Path(s.source.info.path).name,
             model=s.loaded.model_id,
             device=str(s.loaded.device),
@@ -358,7 +381,9 @@ class EngineWorker:
             self.post(m.AnswerFailed(turn, self._explain(exc)))
         else:
             self.last = (ans, live.last_turn_id)
-            figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s}
+            figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s,
+                       # the cache now: with history=keep it holds the turn as well
+                       "cache_tokens_after": live.engine.cache_tokens, "cache_bytes_after": hf.cache_bytes(live.engine.cache)}
             self.post(m.AnswerDone(turn, ans.text, figures))
         finally:
             self._set_state()
