@@ -84,9 +84,11 @@ def _need_terminal(command: str) -> None:
     """The app draws on the terminal and reads keys from it: without one it would wait forever."""
     redirected = [name for name in ("stdin", "stdout", "stderr") if not _isatty(getattr(sys, name))]
     if redirected:
+        which = redirected[0] + " is not one" if len(redirected) == 1 else \
+            f"{', '.join(redirected[:-1])} and {redirected[-1]} are not terminals"
         raise UserError(
-            f"`streamchat {command}` is a full-screen app and needs a terminal, but {' and '.join(redirected)} "
-            f"{'is' if len(redirected) == 1 else 'are'} not one; run it in a terminal, or use `streamchat run` for a headless session"
+            f"`streamchat {command}` is a full-screen app and needs a terminal, but {which}; "
+            "run it in a terminal, or use `streamchat run` for a headless session"
         )
 
 

@@ -303,7 +303,11 @@ async def test_copy_help_and_quit_without_unsaved_work(tiny, app_clip):
         await pilot.press("f1")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen))
         keys = str(app.screen.query_one("#help-keys", Static).render())
-        assert "f2" in keys and "Pause/Resume" in keys and "ctrl+q" in keys
+        lines = keys.splitlines()
+        assert len(lines) == len(ChatApp.BINDINGS)
+        assert lines[1].split() == ["f2", "streamchat.pause", "pause", "or", "resume", "encoding"]  # key, id for --keymap, what
+        assert lines[-1].split()[:2] == ["ctrl+q", "streamchat.quit"]
+        assert "Esc, F1 or q closes this help" in str(app.screen.query_one("#help-title", Static).render())
         await pilot.press("escape")
         await pilot.press("ctrl+q")
         await until(pilot, lambda: not app.is_running, what="quit without asking")
@@ -353,6 +357,9 @@ def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(
     worker = EngineWorker(launch, post=lambda msg: None, clock=lambda: now[0])
     worker.live = open_session(launch, tiny)
     try:
+        worker.toggle_pause()  # paused before pacing began (F2 while the model loads): not video time
+        now[0] += 15.0
+        worker.toggle_pause()
         # 4 fps, 2 frames a chunk: chunk 0 holds t = 0, 0.25 -> due 0.25 s after the start
         assert worker._due() is False
         now[0] += 0.24

@@ -66,14 +66,16 @@ class ChatApp(App[None]):
     CSS_PATH = "streamchat.tcss"
     TITLE = "streamchat"
     # ids make every key remappable with App.set_keymap (--keymap FILE); no ctrl+s / ctrl+j (tmux)
+    # Short descriptions fit all seven keys in an 80-column footer; the tooltips are the help screen's words.
     BINDINGS = [
-        Binding("f1", "help", "Help", id="streamchat.help"),
-        Binding("f2", "toggle_pause", "Pause/Resume", id="streamchat.pause"),
-        Binding("f3", "snapshot", "Snapshot", id="streamchat.snapshot"),
-        Binding("f4", "compare", "Compare offline", id="streamchat.compare"),
-        Binding("f5", "sessions", "Sessions", id="streamchat.sessions"),
-        Binding("f6", "copy_answer", "Copy answer", id="streamchat.copy"),
-        Binding("ctrl+q", "quit", "Quit", id="streamchat.quit", priority=True),
+        Binding("f1", "help", "Help", id="streamchat.help", tooltip="this help"),
+        Binding("f2", "toggle_pause", "Pause", id="streamchat.pause", tooltip="pause or resume encoding"),
+        Binding("f3", "snapshot", "Save", id="streamchat.snapshot", tooltip="save a snapshot (to resume it later)"),
+        Binding("f4", "compare", "Compare", id="streamchat.compare",
+                tooltip="ask the last question offline, compare"),
+        Binding("f5", "sessions", "Sessions", id="streamchat.sessions", tooltip="open a saved session"),
+        Binding("f6", "copy_answer", "Copy", id="streamchat.copy", tooltip="copy the last answer"),
+        Binding("ctrl+q", "quit", "Quit", id="streamchat.quit", priority=True, tooltip="quit (asks first if unsaved)"),
     ]
 
     def __init__(self, launch: Launch, *, gate: ChunkGate | None = None, clock: Callable[[], float] | None = None,
@@ -115,9 +117,8 @@ class ChatApp(App[None]):
                 yield Static(self.launch.note or "", id="note", classes="" if self.launch.note else "hidden")
                 yield VerticalScroll(id="chat")
                 yield MetricsStrip(id="metrics")
-                yield Input(placeholder="Ask about the video (answered at the current position), Enter to send",
-                            id="question")
-        yield Footer()
+                yield Input(placeholder="Ask about the video, Enter sends", id="question")
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         # The panels, held here so that updates reach them while another screen is on top.
@@ -135,6 +136,12 @@ class ChatApp(App[None]):
         self.query_one("#question", Input).focus()
         self._show_state()
         self.start_engine(self.launch)
+
+    def on_resize(self, event) -> None:
+        # the plots give way first when the terminal is short (80x24 keeps the frame, timeline and rate)
+        height = self.size.height
+        self.screen.set_class(height < 40, "-short")
+        self.screen.set_class(height < 30, "-shorter")
 
     def start_engine(self, launch: Launch) -> None:
         self._engine_gen += 1
@@ -161,11 +168,13 @@ class ChatApp(App[None]):
 
     def _show_state(self) -> None:
         info = self.info
+        # the state first: a narrow terminal cuts the header's end
+        state = STATE_STYLE.get(self.state, self.state)
         if info is not None:
-            self.title = f"streamchat · {info.session}"
-            self.sub_title = f"{info.video} · {info.model} · {info.device} · {STATE_STYLE.get(self.state, self.state)}"
+            self.title = info.session
+            self.sub_title = f"{state} · {info.video} · {info.model} · {info.device}"
         else:
-            self.sub_title = STATE_STYLE.get(self.state, self.state)
+            self.sub_title = state
 
     def _show_rate(self) -> None:
         info = self.info
@@ -374,7 +383,7 @@ class ChatApp(App[None]):
         keys = []
         for binding in self.BINDINGS:
             key = self._keymap_config.get(binding.id, binding.key) if binding.id else binding.key
-            keys.append((key, binding.description))
+            keys.append((key, binding.id, binding.tooltip or binding.description))
         self.push_screen(HelpScreen(keys))
 
     def action_sessions(self) -> None:

@@ -25,10 +25,11 @@ def rate_text(*, done: int, total: int, frames_run: int, wall_s: float, sampled_
     if done >= total:
         return f"{head} · all in the cache"
     if frames_run <= 0 or wall_s <= 0:
-        return f"{head} · at the video's pace" if realtime else head
+        return f"{head} · realtime" if realtime else head
     fps = frames_run / wall_s
     speed = fps / sampled_fps if sampled_fps > 0 else 0.0
     left = (total - done) / fps
+    # the time left first: a narrow panel cuts the line's end
     if realtime:
-        return f"{head} · at the video's pace\nencoder {times(speed)} real time · {duration(max(left, video_left_s))} left"
-    return f"{head} · {fps:.1f} fps\n{times(speed)} real time · {duration(left)} left"
+        return f"{head} · realtime\n{duration(max(left, video_left_s))} left · encoder {times(speed)} real time"
+    return f"{head} · {fps:.1f} fps\n{duration(left)} left · {times(speed)} real time"

@@ -59,24 +59,26 @@ class SessionsScreen(Screen[str | None]):
 
 
 class HelpScreen(ModalScreen[None]):
-    """The keys (as remapped by the keymap) and what they do."""
+    """The keys (as remapped by the keymap), their binding ids for --keymap, and what they do."""
 
     BINDINGS = [Binding("escape,f1,q", "close", "Close", id="help.close")]
 
-    def __init__(self, keys: list[tuple[str, str]]):
+    def __init__(self, keys: list[tuple[str, str, str]]):
         super().__init__()
-        self.keys = keys
+        self.keys = keys  # (key, binding id, what it does)
 
     def compose(self) -> ComposeResult:
-        width = max((len(k) for k, _ in self.keys), default=4)
-        lines = "\n".join(f"  {k.ljust(width)}  {d}" for k, d in self.keys)
+        kw = max((len(k) for k, _, _ in self.keys), default=4)
+        iw = max((len(i) for _, i, _ in self.keys), default=4)
+        lines = "\n".join(f"{k.ljust(kw)}  {i.ljust(iw)}  {d}" for k, i, d in self.keys)
         with Vertical(id="help-box"):
-            yield Static("[b]streamchat keys[/b]", id="help-title")
+            yield Static("[b]streamchat keys[/b]   (Esc, F1 or q closes this help)", id="help-title")
             yield Static(lines, id="help-keys", markup=False)
             yield Static(
-                "Type a question and press Enter: it is answered at the stream's current position, "
-                "then encoding goes on. Keys can be remapped with --keymap FILE (JSON: binding id to keys).",
+                "Enter asks at the stream's current position; encoding goes on. --keymap FILE remaps "
+                'keys: a JSON object of binding id to keys, e.g. {"streamchat.pause": "ctrl+t"}.',
                 id="help-text",
+                markup=False,
             )
 
     def action_close(self) -> None:

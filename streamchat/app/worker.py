@@ -265,6 +265,7 @@ class EngineWorker:
         s = self.live.stream
         if self._pace_t0 is None:
             self._pace_t0 = self.clock()
+            self._paused_total = 0.0  # a pause before the first chunk is not video time either
             self._pace_origin = s.source.plan[s.next_frame][1] if s.next_frame < s.total_frames else 0.0
         last = min(s.next_frame + s.config.chunk_frames, s.total_frames) - 1
         elapsed = self.clock() - self._pace_t0 - self._paused_total
