@@ -31,7 +31,7 @@ class SessionsScreen(Screen[str | None]):
                       "(nothing to resume) not listed; `streamchat sessions list` shows all.")
         yield Static(title, id="sessions-title")
         yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
