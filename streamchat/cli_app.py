@@ -56,7 +56,7 @@ def _add_app_options(p, realtime_default: bool = False) -> None:
         p.add_argument("--realtime", action="store_true", default=False,
                        help="encode at the video's own pace, as a live source would arrive (default: as fast as possible)")
     p.add_argument("--keymap", metavar="FILE", default=None,
-                   help='JSON file mapping binding ids to keys, e.g. {"streamchat.pause": "ctrl+t"} (default: none; F1 in the app lists the keys)')
+                   help='JSON file mapping binding ids to keys, e.g. {"streamchat.pause": "ctrl+t"}; F1 in the app lists the ids, unknown ones are refused (default: none)')
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
 
 
@@ -177,6 +177,8 @@ def _run(launch, keymap: dict[str, str]) -> int:
     with _library_logs_to(home() / "app.log"):
         app.run()
     _goodbye(app.session_name)
+    if app.session_name is None and app.state == "failed":
+        return 1  # no session ever opened: the error was shown in the app
     return app.return_code or 0
 
 
