@@ -166,3 +166,18 @@ def test_demo_writes_a_clip_in_home_and_opens_tiny_random_with_a_note(monkeypatc
     assert "random weights" in launch.note and "noise" in launch.note
     assert launch.realtime is True  # the demo streams at the clip's own pace, so there is encoding to watch
     assert launch.video.startswith(str(streamchat_home)) and (streamchat_home / "demo").is_dir()
+
+
+def test_on_quit_the_session_and_its_resume_command_are_printed(capsys, cli_clip):
+    from streamchat.cli_app import _goodbye
+
+    assert main(["run", str(cli_clip), "--model", "tiny-random", "--session", "kept", "--snapshot", "--json"]) == 0
+    assert main(["run", str(cli_clip), "--model", "tiny-random", "--session", "logged", "--json"]) == 0
+    capsys.readouterr()
+    _goodbye("kept")
+    assert capsys.readouterr().out == "session kept: resume it with `streamchat chat --resume kept`\n"
+    _goodbye("logged")
+    assert capsys.readouterr().out == (
+        "session logged is logged (`streamchat sessions show logged`); it has no snapshot, so it cannot be resumed\n")
+    _goodbye(None)  # no session was ever opened
+    assert capsys.readouterr().out == ""
