@@ -392,3 +392,23 @@ async def test_a_resumed_finished_session_shows_its_last_frame_and_cache(tiny, t
         assert stream.next_frame == stream.total_frames == 2
         assert (app.frame_view._frame == stream.read_frames([1])[0]).all()  # no chunk ran: the frame came with the session
         assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens > 0
+
+
+@aio
+async def test_plots_give_way_on_a_short_terminal_even_under_the_help_screen(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: gate.waiting == 0)
+        plots = [app.query_one("#encode-plot"), app.query_one("#ttft-plot")]
+        assert [p.display for p in plots] == [False, False]
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await pilot.resize_terminal(120, 34)  # resized while the dialog is on top
+        await pilot.pause()
+        assert app.is_running and app.body.has_class("-short") and not app.body.has_class("-shorter")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert [p.display for p in plots] == [True, False]
+        await pilot.resize_terminal(120, 40)
+        await pilot.pause()
+        assert [p.display for p in plots] == [True, True]

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
@@ -65,7 +66,7 @@ class ChatApp(App[None]):
 
     CSS_PATH = "streamchat.tcss"
     TITLE = "streamchat"
-    # ids make every key remappable with App.set_keymap (--keymap FILE); no ctrl+s / ctrl+j (tmux)
+    # ids make every key remappable with App.set_keymap (--keymap FILE); no ctrl+s / ctrl+j (tmux).
     # Short descriptions fit all seven keys in an 80-column footer; the tooltips are the help screen's words.
     BINDINGS = [
         Binding("f1", "help", "Help", id="streamchat.help", tooltip="this help"),
@@ -122,6 +123,8 @@ class ChatApp(App[None]):
 
     def on_mount(self) -> None:
         # The panels, held here so that updates reach them while another screen is on top.
+        self.body = self.query_one("#body", Horizontal)
+        self._fit(self.size.height)
         self.frame_view = self.query_one(FrameView)
         self.timeline = self.query_one(ChunkTimeline)
         self.progress = self.query_one(ProgressBar)
@@ -137,11 +140,15 @@ class ChatApp(App[None]):
         self._show_state()
         self.start_engine(self.launch)
 
-    def on_resize(self, event) -> None:
-        # the plots give way first when the terminal is short (80x24 keeps the frame, timeline and rate)
-        height = self.size.height
-        self.screen.set_class(height < 40, "-short")
-        self.screen.set_class(height < 30, "-shorter")
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.height)
+
+    def _fit(self, height: int) -> None:
+        """The plots give way first when the terminal is short (80x24 keeps the frame, timeline and rate)."""
+        body = getattr(self, "body", None)  # held, not queried: a dialog may be the active screen
+        if body is not None:
+            body.set_class(height < 40, "-short")
+            body.set_class(height < 30, "-shorter")
 
     def start_engine(self, launch: Launch) -> None:
         self._engine_gen += 1

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import hf, inuse
 from ..config import SessionConfig
 from ..engine import Answer
-from .. import hf, inuse
 from ..errors import UserError
 from ..models import Loaded
 from ..session import LiveSession
