@@ -25,6 +25,8 @@ async def test_a_question_that_fails_is_an_error_line_and_the_next_question_is_a
         await until(pilot, lambda: failed.figures.has_class("error"), what="the failure in the chat")
         line = str(failed.figures.render())
         assert line.startswith("✖ the question is") and "fit in the model's context (32768 tokens" in line
+        echoed = chat_texts(app)[0]
+        assert echoed.startswith("› red red") and echoed.endswith("… (131,999 characters)") and len(echoed) < 700
         assert app.is_running and app.state == "paused" and app.last_answer is None
         await ask(pilot, "What is red?")
         await until(pilot, lambda: app.last_answer is not None, what="the next answer")

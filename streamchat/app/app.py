@@ -39,6 +39,9 @@ STATE_STYLE = {
 }
 
 
+QUESTION_SHOWN = 600  # characters of a question echoed in the chat: a pasted page would push the rest away
+
+
 @dataclass
 class TurnView:
     answer: Markdown
@@ -337,6 +340,8 @@ class ChatApp(App[None]):
     async def _mount_turn(self, question: str, answer: str = "", figures: str = "") -> TurnView:
         chat = self.chat
         view = TurnView(Markdown(answer, classes="answer"), Static(figures, classes="figures"))
+        if len(question) > QUESTION_SHOWN:
+            question = f"{question[:QUESTION_SHOWN]}… ({len(question):,} characters)"
         await chat.mount(Static(Text(f"› {question}"), classes="question"), view.answer, view.figures)
         return view
 
