@@ -5,7 +5,10 @@ Textual is imported only when one of them runs, so the headless commands never l
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 from .cli import add_engine_options, add_video_options, config_from, open_video
@@ -53,7 +56,7 @@ def _add_app_options(p, realtime_default: bool = False) -> None:
         p.add_argument("--realtime", action="store_true", default=False,
                        help="encode at the video's own pace, as a live source would arrive (default: as fast as possible)")
     p.add_argument("--keymap", metavar="FILE", default=None,
-                   help='JSON file mapping binding ids to keys, e.g. {"streamchat.pause": "ctrl+t"} (default: none; F1 in the app lists the keys)')
+                   help='JSON file mapping binding ids to keys, e.g. {"streamchat.pause": "ctrl+t"}; F1 in the app lists the ids, unknown ones are refused (default: none)')
     p.add_argument("--debug", action="store_true", help="show tracebacks (default: one-line errors)")
 
 
@@ -68,14 +71,133 @@ def _keymap(path: str | None) -> dict[str, str]:
         raise UserError(f"--keymap {path} is not valid JSON ({exc.msg}, line {exc.lineno})") from exc
     if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
         raise UserError(f'--keymap {path} must be a JSON object of binding id to keys, e.g. {{"streamchat.pause": "ctrl+t"}}')
+    from .app import binding_ids
+
+    known = binding_ids()
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UserError(f"--keymap {path}: unknown binding id {', '.join(map(repr, unknown))}; the ids are {', '.join(known)}")
     return data
+
+
+def _need_terminal(command: str) -> None:
+    """The app draws on the terminal and reads keys from it: without one it would wait forever."""
+    redirected = [name for name in ("stdin", "stdout", "stderr") if not _isatty(getattr(sys, name))]
+    if redirected:
+        which = redirected[0] + " is not one" if len(redirected) == 1 else \
+            f"{', '.join(redirected[:-1])} and {redirected[-1]} are not terminals"
+        raise UserError(
+            f"`streamchat {command}` is a full-screen app and needs a terminal, but {which}; "
+            "run it in a terminal, or use `streamchat run` for a headless session"
+        )
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+def _load(args, model_id: str, dtype: str, max_new_tokens: int):
+    """Load the model before the app opens, so a missing model, an unreachable hub or a missing GPU is a
+    one-line error, and the hub's messages go to the terminal, not over the app."""
+    from . import hf
+    from .cli import load_model
+    from .config import SessionConfig
+
+    loaded = load_model(argparse.Namespace(**{**vars(args), "model": model_id, "dtype": dtype, "json": False}))
+    context = int(getattr(hf.text_config(loaded.model), "max_position_embeddings", 0) or 0)
+    if context and max_new_tokens >= context:
+        raise UserError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the video in {model_id}'s context of {context} tokens; "
+            f"use a smaller value (default: {SessionConfig().max_new_tokens})"
+        )
+    return loaded
+
+
+def _prepare_resume(args):
+    """Everything `chat --resume NAME` can check before a model is loaded (the session, its latest
+    snapshot's file, its video). Returns (model id, snapshot dtype, max_new_tokens)."""
+    from .app.worker import check_resumable
+    from .config import SessionConfig
+
+    row, meta = check_resumable(args.resume, args.video)
+    return row["model_id"], meta.get("dtype", "auto"), SessionConfig.from_dict(row["config"]).max_new_tokens
+
+
+def _check_name_free(name: str | None) -> None:
+    if name is None:
+        return
+    from .store import Store
+
+    with Store() as store:
+        try:
+            store.get_session(name)
+        except UserError:
+            return
+    raise UserError(
+        f"a session named {name} already exists; pick another --name, or open that one with "
+        f"`streamchat chat --resume {name}`"
+    )
+
+
+@contextlib.contextmanager
+def _library_logs_to(path: Path):
+    """While the app runs, transformers' and the hub's log lines (retries, warnings) go to `path`
+    instead of their stderr handlers, which would draw them over the app."""
+    import logging
+
+    handler = logging.FileHandler(path, delay=True, encoding="utf-8")  # no file until a line comes
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    saved = []
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.handlers[:], logger.propagate))
+        logger.handlers[:] = [handler]
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handlers, propagate in saved:
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+        handler.close()
+
+
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub", "accelerate", "safetensors", "torch")
 
 
 def _run(launch, keymap: dict[str, str]) -> int:
     from .app import ChatApp
+    from .store import home
 
-    ChatApp(launch, keymap=keymap).run()
-    return 0
+    app = ChatApp(launch, keymap=keymap)
+    home().mkdir(parents=True, exist_ok=True)
+    with _library_logs_to(home() / "app.log"):
+        app.run()
+    _goodbye(app.session_name)
+    if app.session_name is None and app.state == "failed":
+        return 1  # no session ever opened: the error was shown in the app
+    return app.return_code or 0
+
+
+def _goodbye(name: str | None) -> None:
+    """After the app: which session this was and how to come back to it."""
+    if name is None:
+        return
+    from .store import Store
+
+    try:
+        with Store() as store:
+            snaps = store.snapshots(store.get_session(name)["id"])
+    except UserError:
+        print(f"session {name} is no longer in the store")
+        return
+    if snaps:
+        print(f"session {name}: resume it with `streamchat chat --resume {name}`")
+    else:
+        print(f"session {name} is logged (`streamchat sessions show {name}`); it has no snapshot, so it cannot be resumed")
 
 
 def cmd_chat(args) -> int:
@@ -83,18 +205,20 @@ def cmd_chat(args) -> int:
 
     keymap = _keymap(args.keymap)
     if args.resume:
-        from .store import Store
-
-        with Store() as store:
-            store.get_session(args.resume)  # a missing name is a one-line error, before the app opens
+        model_id, dtype, max_new = _prepare_resume(args)
+        _need_terminal("chat")
+        loaded = _load(args, model_id, dtype, max_new)
         return _run(Launch(resume=args.resume, video=args.video, device=args.device, dtype=args.dtype,
-                           realtime=args.realtime), keymap)
+                           realtime=args.realtime, loaded=loaded), keymap)
     if not args.video:
         raise UserError("give a VIDEO to chat about, or --resume NAME (`streamchat sessions list` shows them)")
     config = config_from(args)
     open_video(args.video, config).close()  # a bad file is a one-line error, before the app opens
+    _check_name_free(args.name)
+    _need_terminal("chat")
+    loaded = _load(args, config.model, args.dtype, config.max_new_tokens)
     return _run(Launch(video=args.video, config=config, device=args.device, dtype=args.dtype, name=args.name,
-                       realtime=args.realtime), keymap)
+                       realtime=args.realtime, loaded=loaded), keymap)
 
 
 def cmd_demo(args) -> int:
@@ -106,9 +230,11 @@ def cmd_demo(args) -> int:
     if args.seconds <= 0:
         raise UserError(f"--seconds must be positive; got {args.seconds}")
     config = config_from(args)
+    _need_terminal("demo")
     clip = home() / "demo" / f"sample-{args.seconds:g}s.mp4"
     if not clip.exists():
         make_clip(clip, seconds=args.seconds, fps=24.0, width=224, height=224)
+    loaded = _load(args, config.model, args.dtype, config.max_new_tokens)
     note = DEMO_NOTE if args.model == "tiny-random" else None
     return _run(Launch(video=str(clip), config=config, device=args.device, dtype=args.dtype, note=note,
-                       realtime=args.realtime), keymap)
+                       realtime=args.realtime, loaded=loaded), keymap)

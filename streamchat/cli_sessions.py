@@ -245,7 +245,13 @@ def cmd_sessions(args) -> int:
         elif action == "show":
             emit(args, *_show(store, args.name))
         elif action == "rm":
-            name = store.get_session(args.name)["name"]
+            from .inuse import holder
+
+            session = store.get_session(args.name)
+            name = session["name"]
+            pid = holder(session["id"])
+            if pid is not None:
+                raise UserError(f"session {name} is open in `streamchat chat` (process {pid}); quit the app first, then remove it")
             if not getattr(args, "yes", False) and sys.stdin.isatty():  # the question goes to stderr: --json stays clean
                 if not _confirm(f"remove session {name}, its log and its snapshot files? [y/N] "):
                     print("streamchat: nothing removed", file=sys.stderr)

@@ -104,6 +104,9 @@ async def test_question_while_encoding_is_answered_at_the_current_position_then_
         assert f"{turns[0]['new_tokens']} tokens" in figures
         timeline = app.query_one(ChunkTimeline)
         assert timeline.marks == {1} and timeline.cached == 2 and timeline.encoding == 2
+        # history=keep: the status bar counts the kept turn, as the next answer's figures will
+        kept = chunks[-1]["cache_tokens_after"] + turns[0]["new_tokens"]
+        assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens > kept
         gate.allow(None)
         await until(pilot, lambda: app.state == "done", what="done")
         assert len(session_row()[1]) == 4
@@ -175,8 +178,11 @@ async def test_snapshot_quit_then_resume_continues_the_conversation(tiny, app_cl
 
 
 @aio
-async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip):
-    app, gate = make_app(tiny, app_clip, allow=1, name="older")
+async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip, tmp_path):
+    from streamchat.clips import make_clip
+
+    other = make_clip(tmp_path / "other.mp4", seconds=2.0, fps=24.0, width=160, height=96)  # another video
+    app, gate = make_app(tiny, other, allow=1, name="older")
     async with app.run_test(size=SIZE) as pilot:
         await pause_after(pilot, app, gate, 2)
         await pilot.press("f3")  # save a snapshot of 'older' at two chunks
@@ -189,13 +195,21 @@ async def test_sessions_screen_lists_the_store_and_resumes_one(tiny, app_clip):
         await until(pilot, lambda: isinstance(app.screen, SessionsScreen))
         table = app.screen.query_one(DataTable)
         names = [table.get_row_at(i)[0] for i in range(table.row_count)]
-        assert names == ["newer", "older"]  # newest first
-        assert table.get_row_at(1)[5] == 1  # older has one snapshot
-        await pilot.press("down", "enter")
+        assert names == ["older"]  # 'newer' (this one) has no snapshot yet: nothing to resume
+        assert table.get_row_at(0)[5] == 1  # older has one snapshot
+        title = str(app.screen.query_one("#sessions-title", Static).render())
+        assert "1 session without a snapshot (nothing to resume) not listed" in title
+        newer_frame = app.frame_view._frame
+        await pilot.press("enter")
         await until(pilot, lambda: isinstance(app.screen, ConfirmDiscard), what="ask before leaving 'newer'")
         await pilot.press("d")
         await until(pilot, lambda: app.info is not None and app.info.session == "older", what="switched")
         assert app.info.frames_done == 4 and app.query_one(ChunkTimeline).cached == 2
+        # the preview shows older's video: its last cached frame (3), or the last of the chunk it started (5)
+        shown, older_frames = app.frame_view._frame, app.engine.live.stream.read_frames([3, 5])
+        assert shown is not None and shown.shape != newer_frame.shape
+        assert any((shown == f).all() for f in older_frames)
+        assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens
         await until(pilot, lambda: gate.waiting == 2, what="'older' held in its chunk 2")
         gate.allow(None)
         await until(pilot, lambda: app.state == "done")
@@ -289,7 +303,11 @@ async def test_copy_help_and_quit_without_unsaved_work(tiny, app_clip):
         await pilot.press("f1")
         await until(pilot, lambda: isinstance(app.screen, HelpScreen))
         keys = str(app.screen.query_one("#help-keys", Static).render())
-        assert "f2" in keys and "Pause/Resume" in keys and "ctrl+q" in keys
+        lines = keys.splitlines()
+        assert len(lines) == len(ChatApp.BINDINGS)
+        assert lines[1].split() == ["f2", "streamchat.pause", "pause", "or", "resume", "encoding"]  # key, id for --keymap, what
+        assert lines[-1].split()[:2] == ["ctrl+q", "streamchat.quit"]
+        assert "Esc, F1 or q closes this help" in str(app.screen.query_one("#help-title", Static).render())
         await pilot.press("escape")
         await pilot.press("ctrl+q")
         await until(pilot, lambda: not app.is_running, what="quit without asking")
@@ -330,34 +348,6 @@ async def test_app_session_is_listed_exported_and_replayed_by_the_cli(tiny, app_
     assert report["all_identical"] is True and report["replayed"] == 1
 
 
-def test_chat_command_errors_are_one_line(capsys, tmp_path):
-    from streamchat.cli import main
-
-    assert main(["chat"]) == 2
-    assert "give a VIDEO" in capsys.readouterr().err
-    assert main(["chat", "--resume", "nope"]) == 2
-    assert "no session named nope" in capsys.readouterr().err
-    assert main(["chat", str(tmp_path / "missing.mp4"), "--model", "tiny-random"]) == 2
-    assert "video not found" in capsys.readouterr().err
-    (tmp_path / "keys.json").write_text("[1, 2]")
-    assert main(["demo", "--keymap", str(tmp_path / "keys.json")]) == 2
-    assert "must be a JSON object of binding id to keys" in capsys.readouterr().err
-
-
-def test_demo_writes_a_clip_in_home_and_opens_tiny_random_with_a_note(monkeypatch, streamchat_home):
-    import streamchat.cli_app as cli_app
-    from streamchat.cli import main
-
-    opened = {}
-    monkeypatch.setattr(cli_app, "_run", lambda launch, keymap: opened.setdefault("launch", launch) and 0)
-    assert main(["demo", "--seconds", "1"]) == 0
-    launch = opened["launch"]
-    assert launch.config.model == "tiny-random" and launch.device == "cpu" and launch.config.history == "keep"
-    assert "random weights" in launch.note and "noise" in launch.note
-    assert launch.realtime is True  # the demo streams at the clip's own pace, so there is encoding to watch
-    assert launch.video.startswith(str(streamchat_home)) and (streamchat_home / "demo").is_dir()
-
-
 def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(tiny, app_clip):
     from streamchat.app.worker import EngineWorker, open_session
 
@@ -367,6 +357,9 @@ def test_realtime_worker_waits_for_each_chunk_to_arrive_and_pauses_do_not_count(
     worker = EngineWorker(launch, post=lambda msg: None, clock=lambda: now[0])
     worker.live = open_session(launch, tiny)
     try:
+        worker.toggle_pause()  # paused before pacing began (F2 while the model loads): not video time
+        now[0] += 15.0
+        worker.toggle_pause()
         # 4 fps, 2 frames a chunk: chunk 0 holds t = 0, 0.25 -> due 0.25 s after the start
         assert worker._due() is False
         now[0] += 0.24
@@ -397,3 +390,39 @@ async def test_a_partly_decodable_video_is_streamed_with_a_warning_in_the_chat(t
         await until(pilot, lambda: app.state == "done", what="encoding done")
     _, chunks, _ = session_row("cut")
     assert chunks[-1]["frame_last"] == 7  # 4 fps up to 2 s: 8 frames, all of what decodes
+
+
+@aio
+async def test_a_resumed_finished_session_shows_its_last_frame_and_cache(tiny, tmp_path):
+    from streamchat.cli import main
+    from streamchat.clips import make_clip
+
+    clip = make_clip(tmp_path / "done.mp4", seconds=1.0, fps=8.0, width=112, height=112)  # 2 s at 2 fps: 2 frames
+    assert main(["run", str(clip), "--model", "tiny-random", "--session", "finished", "--snapshot", "--json"]) == 0
+    app = ChatApp(Launch(resume="finished", device="cpu", loaded=tiny))
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.info is not None and app.state == "done", what="resumed, nothing to encode")
+        stream = app.engine.live.stream
+        assert stream.next_frame == stream.total_frames == 2
+        assert (app.frame_view._frame == stream.read_frames([1])[0]).all()  # no chunk ran: the frame came with the session
+        assert app.metrics.values["cache_tokens"] == app.engine.live.engine.cache_tokens > 0
+
+
+@aio
+async def test_plots_give_way_on_a_short_terminal_even_under_the_help_screen(tiny, app_clip):
+    app, gate = make_app(tiny, app_clip, allow=0)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await until(pilot, lambda: gate.waiting == 0)
+        plots = [app.query_one("#encode-plot"), app.query_one("#ttft-plot")]
+        assert [p.display for p in plots] == [False, False]
+        await pilot.press("f1")
+        await until(pilot, lambda: isinstance(app.screen, HelpScreen))
+        await pilot.resize_terminal(120, 34)  # resized while the dialog is on top
+        await pilot.pause()
+        assert app.is_running and app.body.has_class("-short") and not app.body.has_class("-shorter")
+        await pilot.press("escape")
+        await pilot.pause()
+        assert [p.display for p in plots] == [True, False]
+        await pilot.resize_terminal(120, 40)
+        await pilot.pause()
+        assert [p.display for p in plots] == [True, True]

@@ -89,6 +89,21 @@ def test_main_screen_mid_stream(snap_compare, tiny, snap_clip, frozen):
     assert snap_compare(app, terminal_size=SIZE, run_before=run_before)
 
 
+def test_main_screen_at_80x24(snap_compare, tiny, snap_clip, frozen):
+    """The smallest common terminal: state in the header, every key in the footer, the placeholder whole."""
+    app, gate = make_app(tiny, snap_clip, frozen, allow=1, name="2026-01-02-clip-1a2b")
+
+    async def run_before(pilot) -> None:
+        app.query_one("#question", Input).cursor_blink = False
+        await until(pilot, lambda: gate.waiting == 1)
+        await pilot.press("f2")  # paused once chunk 1 is in: the header must say so at 80 columns
+        gate.allow(None)
+        await until(pilot, lambda: app.state == "paused")
+        await pilot.pause()
+
+    assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
+
+
 def test_sessions_screen(snap_compare, tiny, snap_clip, frozen):
     with Store() as store:
         for name, model in (("2026-01-01-street-1a2b", "Qwen/Qwen2.5-VL-3B-Instruct"), ("kitchen", "tiny-random")):
@@ -97,6 +112,8 @@ def test_sessions_screen(snap_compare, tiny, snap_clip, frozen):
             for i in range(3):
                 store.log_chunk(row["id"], chunk_index=i, encode_ms=10.0)
             store.log_turn(row["id"], question="What is on the table?", answer="A cup.")
+            store.log_snapshot(row["id"], path=f"/sessions/{name}/snapshot-1.safetensors", bytes=1, sha256="0" * 64,
+                               chunks=3, cache_tokens=100, frames=6)  # listed: F5 shows only sessions with a snapshot
     app, gate = make_app(tiny, snap_clip, frozen, allow=0, name="current")
 
     async def run_before(pilot) -> None:

@@ -6,22 +6,26 @@ in `messages.py`; the UI reaches the engine only through the worker's non-blocki
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
 from rich.text import Text
+from textual import events
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Footer, Header, Input, Markdown, ProgressBar, Static
 from textual.widgets.markdown import MarkdownStream
 
+from ..errors import UserError
 from ..store import Store
 from . import messages as m
+from .rate import rate_text
 from .screens import ConfirmDiscard, HelpScreen, SessionsScreen
 from .widgets import ChunkTimeline, FrameView, MetricsStrip, PointPlot
-from .worker import ChunkGate, EngineWorker, Launch
+from .worker import ChunkGate, EngineWorker, Launch, check_resumable
 
 STATE_STYLE = {
     "starting": "loading…",
@@ -33,6 +37,9 @@ STATE_STYLE = {
     "done": "✔ done",
     "failed": "✖ failed",
 }
+
+
+QUESTION_SHOWN = 600  # characters of a question echoed in the chat: a pasted page would push the rest away
 
 
 @dataclass
@@ -52,20 +59,27 @@ def figures_line(f: dict) -> str:
     )
 
 
+def binding_ids() -> list[str]:
+    """Every binding id that --keymap can remap: the app's and its screens'."""
+    return [b.id for cls in (ChatApp, SessionsScreen, HelpScreen, ConfirmDiscard) for b in cls.BINDINGS if b.id]
+
+
 class ChatApp(App[None]):
     """`streamchat chat`: the video panel on the left, the chat on the right."""
 
     CSS_PATH = "streamchat.tcss"
     TITLE = "streamchat"
-    # ids make every key remappable with App.set_keymap (--keymap FILE); no ctrl+s / ctrl+j (tmux)
+    # ids make every key remappable with App.set_keymap (--keymap FILE); no ctrl+s / ctrl+j (tmux).
+    # Short descriptions fit all seven keys in an 80-column footer; the tooltips are the help screen's words.
     BINDINGS = [
-        Binding("f1", "help", "Help", id="streamchat.help"),
-        Binding("f2", "toggle_pause", "Pause/Resume", id="streamchat.pause"),
-        Binding("f3", "snapshot", "Snapshot", id="streamchat.snapshot"),
-        Binding("f4", "compare", "Compare offline", id="streamchat.compare"),
-        Binding("f5", "sessions", "Sessions", id="streamchat.sessions"),
-        Binding("f6", "copy_answer", "Copy answer", id="streamchat.copy"),
-        Binding("ctrl+q", "quit", "Quit", id="streamchat.quit", priority=True),
+        Binding("f1", "help", "Help", id="streamchat.help", tooltip="this help"),
+        Binding("f2", "toggle_pause", "Pause", id="streamchat.pause", tooltip="pause or resume encoding"),
+        Binding("f3", "snapshot", "Save", id="streamchat.snapshot", tooltip="save a snapshot (to resume it later)"),
+        Binding("f4", "compare", "Compare", id="streamchat.compare",
+                tooltip="ask the last question offline, compare"),
+        Binding("f5", "sessions", "Sessions", id="streamchat.sessions", tooltip="open a saved session"),
+        Binding("f6", "copy_answer", "Copy", id="streamchat.copy", tooltip="copy the last answer"),
+        Binding("ctrl+q", "quit", "Quit", id="streamchat.quit", priority=True, tooltip="quit (asks first if unsaved)"),
     ]
 
     def __init__(self, launch: Launch, *, gate: ChunkGate | None = None, clock: Callable[[], float] | None = None,
@@ -80,6 +94,7 @@ class ChatApp(App[None]):
         self._engine_gen = 0  # which engine worker the messages must come from
         self.state = "starting"
         self.info: m.EngineReady | None = None
+        self.session_name: str | None = None  # the last session opened (printed with its resume command on quit)
         self.turns: dict[int, TurnView] = {}
         self.turn_count = 0
         self.last_answer: str | None = None
@@ -88,6 +103,7 @@ class ChatApp(App[None]):
         self._frames_done = 0  # plan frames in the cache
         self._frames_run = 0  # frames encoded by this worker, and the wall time they took
         self._wall_run = 0.0
+        self._position_s = 0.0  # video second of the last frame in the cache
 
     # --- layout -------------------------------------------------------------------------------
 
@@ -105,12 +121,13 @@ class ChatApp(App[None]):
                 yield Static(self.launch.note or "", id="note", classes="" if self.launch.note else "hidden")
                 yield VerticalScroll(id="chat")
                 yield MetricsStrip(id="metrics")
-                yield Input(placeholder="Ask about the video (answered at the current position), Enter to send",
-                            id="question")
-        yield Footer()
+                yield Input(placeholder="Ask about the video, Enter sends", id="question")
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         # The panels, held here so that updates reach them while another screen is on top.
+        self.body = self.query_one("#body", Horizontal)
+        self._fit(self.size.height)
         self.frame_view = self.query_one(FrameView)
         self.timeline = self.query_one(ChunkTimeline)
         self.progress = self.query_one(ProgressBar)
@@ -125,6 +142,16 @@ class ChatApp(App[None]):
         self.query_one("#question", Input).focus()
         self._show_state()
         self.start_engine(self.launch)
+
+    def on_resize(self, event: events.Resize) -> None:
+        self._fit(event.size.height)
+
+    def _fit(self, height: int) -> None:
+        """The plots give way first when the terminal is short (80x24 keeps the frame, timeline and rate)."""
+        body = getattr(self, "body", None)  # held, not queried: a dialog may be the active screen
+        if body is not None:
+            body.set_class(height < 40, "-short")
+            body.set_class(height < 30, "-shorter")
 
     def start_engine(self, launch: Launch) -> None:
         self._engine_gen += 1
@@ -151,24 +178,21 @@ class ChatApp(App[None]):
 
     def _show_state(self) -> None:
         info = self.info
+        # the state first: a narrow terminal cuts the header's end
+        state = STATE_STYLE.get(self.state, self.state)
         if info is not None:
-            self.title = f"streamchat · {info.session}"
-            self.sub_title = f"{info.video} · {info.model} · {info.device} · {STATE_STYLE.get(self.state, self.state)}"
+            self.title = info.session
+            self.sub_title = f"{state} · {info.video} · {info.model} · {info.device}"
         else:
-            self.sub_title = STATE_STYLE.get(self.state, self.state)
+            self.sub_title = state
 
     def _show_rate(self) -> None:
         info = self.info
-        frames = self._frames_done
-        if not info or not self._wall_run:
-            self.rate.update(f"{frames}/{info.total_frames if info else 0} frames")
-            return
-        fps = self._frames_run / self._wall_run
-        left = (info.total_frames - frames) / fps if fps else 0.0
-        self.rate.update(
-            f"{frames}/{info.total_frames} frames · {fps:.1f} fps\n"
-            f"{fps / info.sampled_fps:.1f}× real time · {left:.0f} s left"
-        )
+        self.rate.update(rate_text(
+            done=self._frames_done, total=info.total_frames if info else 0, frames_run=self._frames_run,
+            wall_s=self._wall_run, sampled_fps=info.sampled_fps if info else 0.0, realtime=self.launch.realtime,
+            video_left_s=(info.end_s - self._position_s) if info else 0.0,
+        ))
 
     # --- engine messages ----------------------------------------------------------------------
 
@@ -176,15 +200,16 @@ class ChatApp(App[None]):
         if not self._mine(message):
             return
         self._frames_done = message.frames_done
+        self._position_s = message.position_s
         timeline = self.timeline
         chunks = -(-message.total_frames // message.chunk_frames)
         timeline.reset(chunks, cached=message.frames_done // message.chunk_frames)
         for c in message.chunks:
             timeline.encode_ms[c["chunk_index"]] = c["encode_ms"] or 0.0
             self.encode_plot.add(c["cache_tokens_after"] or 0, c["encode_ms"] or 0.0)
-        if message.chunks:
-            last = message.chunks[-1]
-            self.metrics.set(cache_tokens=last["cache_tokens_after"], cache_bytes=last["cache_bytes"])
+        self.metrics.set(cache_tokens=message.cache_tokens, cache_bytes=message.cache_bytes)
+        if message.frame is not None:
+            self.frame_view.show(message.frame)
         self.progress.update(total=message.total_frames, progress=message.frames_done)
         for t in message.history:
             self.turn_count += 1
@@ -195,6 +220,7 @@ class ChatApp(App[None]):
             self.turns[self.turn_count] = view
             self.last_answer = t["answer"]
             self.ttft_plot.add(t["cache_tokens"] or 0, t["ttft_ms"] or 0.0)
+        self.session_name = message.session
         self.info = message  # last: tests and other handlers take a set `info` to mean "ready and shown"
         self._show_state()
         self._show_rate()
@@ -215,6 +241,7 @@ class ChatApp(App[None]):
         s = message.stats
         self.unsaved = True
         self._frames_done = message.frames_done
+        self._position_s = s.t_end_s
         self._frames_run += s.frame_last - s.frame_first + 1
         self._wall_run += message.wall_s
         self.timeline.encoded(s.index, s.encode_s * 1000)
@@ -234,7 +261,6 @@ class ChatApp(App[None]):
         view = self.turns.get(message.turn) if self._mine(message) else None
         if view is None:
             return
-        view.stream = Markdown.get_stream(view.answer)
         view.figures.update(f"answering at {message.at_s:.1f} s ({message.frames} frames)…")
         chunk = -(-message.frames // self.info.chunk_frames) - 1 if self.info else 0
         timeline = self.timeline
@@ -243,10 +269,16 @@ class ChatApp(App[None]):
 
     async def on_answer_token(self, message: m.AnswerToken) -> None:
         view = self.turns.get(message.turn) if self._mine(message) else None
-        if view is None or view.stream is None:
+        if view is None:
             return
         if message.text.startswith(view.written):  # else: a character was re-decoded; the final update fixes it
             delta, view.written = message.text[len(view.written):], message.text
+            if not delta:
+                return
+            if view.stream is None:
+                # Made at the first token, not when the answer starts: stop() on a stream whose task never
+                # ran re-raises the task's CancelledError, which cancels the handler and shuts the app down.
+                view.stream = Markdown.get_stream(view.answer)
             await view.stream.write(delta)
 
     async def on_answer_done(self, message: m.AnswerDone) -> None:
@@ -259,6 +291,7 @@ class ChatApp(App[None]):
         view.figures.update(figures_line(message.figures))
         self.last_answer = message.text
         self.unsaved = True
+        self.metrics.set(cache_tokens=message.figures["cache_tokens_after"], cache_bytes=message.figures["cache_bytes_after"])
         self.ttft_plot.add(message.figures["cache_tokens"], message.figures["ttft_ms"])
 
     async def on_answer_failed(self, message: m.AnswerFailed) -> None:
@@ -266,8 +299,10 @@ class ChatApp(App[None]):
         if view is None:
             return
         await self._finish_stream(view)
-        await view.answer.update("")
-        view.answer.add_class("hidden")
+        if view.written:  # the tokens shown so far stay, marked by the error under them
+            await view.answer.update(view.written)
+        else:
+            view.answer.add_class("hidden")
         view.figures.update(Text(f"✖ {message.error}"))
         view.figures.add_class("error")
 
@@ -305,6 +340,8 @@ class ChatApp(App[None]):
     async def _mount_turn(self, question: str, answer: str = "", figures: str = "") -> TurnView:
         chat = self.chat
         view = TurnView(Markdown(answer, classes="answer"), Static(figures, classes="figures"))
+        if len(question) > QUESTION_SHOWN:
+            question = f"{question[:QUESTION_SHOWN]}… ({len(question):,} characters)"
         await chat.mount(Static(Text(f"› {question}"), classes="question"), view.answer, view.figures)
         return view
 
@@ -358,17 +395,25 @@ class ChatApp(App[None]):
         keys = []
         for binding in self.BINDINGS:
             key = self._keymap_config.get(binding.id, binding.key) if binding.id else binding.key
-            keys.append((key, binding.description))
+            keys.append((key, binding.id, binding.tooltip or binding.description))
         self.push_screen(HelpScreen(keys))
 
     def action_sessions(self) -> None:
         with Store() as store:
             rows = store.list_sessions()
-        self.push_screen(SessionsScreen(rows), self._session_chosen)
+        resumable = [r for r in rows if r["n_snapshots"]]  # without a snapshot there is no cache to resume
+        self.push_screen(SessionsScreen(resumable, hidden=len(rows) - len(resumable)), self._session_chosen)
 
-    def _session_chosen(self, name: str | None) -> None:
-        if name:
-            self._leave("switch", lambda: self.call_later(self.switch_session, name))
+    async def _session_chosen(self, name: str | None) -> None:
+        if not name:
+            return
+        try:  # before anything is torn down: the current session stays if the chosen one cannot open
+            await asyncio.to_thread(check_resumable, name)
+        except UserError as exc:
+            await self._chat_line(f"✖ cannot open session {name}: {exc}", "error")
+            self.notify(str(exc), title=f"cannot open {name}", severity="error")
+            return
+        self._leave("switch", lambda: self.call_later(self.switch_session, name))
 
     async def switch_session(self, name: str) -> None:
         """Stop this session's worker, clear the view, and open `name` from its snapshot."""
@@ -381,10 +426,11 @@ class ChatApp(App[None]):
         for plot in (self.encode_plot, self.ttft_plot):
             plot.clear()
         self.timeline.reset(0)
+        self.frame_view.clear()
         self.progress.update(total=None, progress=0)
         self.metrics.set(cache_tokens=0, cache_bytes=0, allocated=None, reserved=None, fps=None)
         self.info, self.state, self.turns, self.turn_count, self.last_answer = None, "starting", {}, 0, None
-        self.unsaved, self._frames_done, self._frames_run, self._wall_run = False, 0, 0, 0.0
+        self.unsaved, self._frames_done, self._frames_run, self._wall_run, self._position_s = False, 0, 0, 0.0, 0.0
         self._show_state()
         loaded = old.loaded if old is not None else None
         self.start_engine(replace(self.launch, resume=name, video=None, name=None, loaded=loaded))

@@ -26,6 +26,11 @@ class EngineReady(Message):
     chunk_frames: int
     sampled_fps: float
     frames_done: int  # > 0 when resumed from a snapshot
+    position_s: float = 0.0  # video second of the last frame in the cache
+    end_s: float = 0.0  # video second of the last sampled frame
+    frame: np.ndarray | None = None  # the last frame in the cache (resumed), for the preview
+    cache_tokens: int = 0  # the cache as restored (video and kept turns)
+    cache_bytes: int = 0
     history: list[dict] = field(default_factory=list)  # earlier turns of a resumed session
     chunks: list[dict] = field(default_factory=list)  # earlier chunks of a resumed session (store rows)
 
@@ -79,7 +84,7 @@ class AnswerToken(Message):
 class AnswerDone(Message):
     turn: int
     text: str
-    figures: dict  # ttft_ms, tokens_per_s, new_tokens, cache_tokens, latency_ms, at_s
+    figures: dict  # ttft_ms, tokens_per_s, new_tokens, cache_tokens, latency_ms, at_s, cache_tokens_after, cache_bytes_after
 
 
 @dataclass

@@ -10,7 +10,7 @@ from textual.widgets import Button, DataTable, Footer, Static
 
 
 class SessionsScreen(Screen[str | None]):
-    """Every session in the store, newest first; Enter resumes the highlighted one."""
+    """The sessions that can be resumed (those with a snapshot), newest first; Enter resumes the highlighted one."""
 
     BINDINGS = [
         Binding("escape", "close", "Back", id="sessions.close"),
@@ -19,14 +19,19 @@ class SessionsScreen(Screen[str | None]):
 
     COLUMNS = ("name", "video", "model", "chunks", "turns", "snaps", "updated (UTC)")
 
-    def __init__(self, rows: list[dict]):
+    def __init__(self, rows: list[dict], hidden: int = 0):
         super().__init__()
         self.rows = rows
+        self.hidden = hidden  # sessions left out: no snapshot to resume from
 
     def compose(self) -> ComposeResult:
-        yield Static("Sessions: Enter resumes from the latest snapshot, Esc goes back", id="sessions-title")
+        title = "Sessions with a snapshot: Enter resumes from the latest one, Esc goes back."
+        if self.hidden:
+            title += (f"\n{self.hidden} session{'s' if self.hidden != 1 else ''} without a snapshot "
+                      "(nothing to resume) not listed; `streamchat sessions list` shows all.")
+        yield Static(title, id="sessions-title")
         yield DataTable(id="sessions-table", cursor_type="row", zebra_stripes=True)
-        yield Footer()
+        yield Footer(show_command_palette=False)
 
     def on_mount(self) -> None:
         table = self.query_one(DataTable)
@@ -37,7 +42,8 @@ class SessionsScreen(Screen[str | None]):
             table.add_row(r["name"], video, r["model_id"], r["n_chunks"], r["n_turns"], r["n_snapshots"],
                           r["updated_utc"][:16].replace("T", " "), key=r["name"])
         if not self.rows:
-            self.query_one("#sessions-title", Static).update("No sessions in the store yet. Esc goes back.")
+            self.query_one("#sessions-title", Static).update(
+                "No session has a snapshot to resume yet (F3 saves one). Esc goes back.")
         table.focus()
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
@@ -53,24 +59,26 @@ class SessionsScreen(Screen[str | None]):
 
 
 class HelpScreen(ModalScreen[None]):
-    """The keys (as remapped by the keymap) and what they do."""
+    """The keys (as remapped by the keymap), their binding ids for --keymap, and what they do."""
 
     BINDINGS = [Binding("escape,f1,q", "close", "Close", id="help.close")]
 
-    def __init__(self, keys: list[tuple[str, str]]):
+    def __init__(self, keys: list[tuple[str, str, str]]):
         super().__init__()
-        self.keys = keys
+        self.keys = keys  # (key, binding id, what it does)
 
     def compose(self) -> ComposeResult:
-        width = max((len(k) for k, _ in self.keys), default=4)
-        lines = "\n".join(f"  {k.ljust(width)}  {d}" for k, d in self.keys)
+        kw = max((len(k) for k, _, _ in self.keys), default=4)
+        iw = max((len(i) for _, i, _ in self.keys), default=4)
+        lines = "\n".join(f"{k.ljust(kw)}  {i.ljust(iw)}  {d}" for k, i, d in self.keys)
         with Vertical(id="help-box"):
-            yield Static("[b]streamchat keys[/b]", id="help-title")
+            yield Static("[b]streamchat keys[/b]   (Esc, F1 or q closes this help)", id="help-title")
             yield Static(lines, id="help-keys", markup=False)
             yield Static(
-                "Type a question and press Enter: it is answered at the stream's current position, "
-                "then encoding goes on. Keys can be remapped with --keymap FILE (JSON: binding id to keys).",
+                "Enter asks at the stream's current position; encoding goes on. --keymap FILE remaps "
+                'keys: a JSON object of binding id to keys, e.g. {"streamchat.pause": "ctrl+t"}.',
                 id="help-text",
+                markup=False,
             )
 
     def action_close(self) -> None:

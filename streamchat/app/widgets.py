@@ -13,7 +13,6 @@ from rich.text import Text
 from textual.reactive import reactive
 from textual.strip import Strip
 from textual.widget import Widget
-from textual.widgets import Static
 
 from ..metrics import mib
 
@@ -34,6 +33,11 @@ class FrameView(Widget):
 
     def show(self, frame: np.ndarray) -> None:
         self._frame = frame
+        self._for_size = None
+        self.refresh()
+
+    def clear(self) -> None:
+        self._frame = None
         self._for_size = None
         self.refresh()
 
@@ -217,23 +221,41 @@ def fmt_bytes(n: int | float | None) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-class MetricsStrip(Static):
-    """One line: cache tokens, cache size, GPU memory allocated / reserved, encode fps."""
+class MetricsStrip(Widget):
+    """Cache tokens and size, GPU memory allocated / reserved (on a GPU), encode fps: one line, or one
+    part a line where the strip is too narrow (a part is never split)."""
 
     DEFAULT_CSS = """
-    MetricsStrip { height: 1; width: 1fr; color: $text-muted; }
+    MetricsStrip { height: auto; width: 1fr; color: $text-muted; }
     """
 
     def __init__(self, *, id: str | None = None, classes: str | None = None):
-        super().__init__("", id=id, classes=classes)
+        super().__init__(id=id, classes=classes)
         self.values = {"cache_tokens": 0, "cache_bytes": 0, "allocated": None, "reserved": None, "fps": None}
-        self.set(**self.values)
 
     def set(self, **values) -> None:
         self.values.update(values)
+        self.refresh(layout=True)
+
+    def parts(self) -> list[str]:
         v = self.values
-        gpu = "–" if v["allocated"] is None else f"{fmt_bytes(v['allocated'])} / {fmt_bytes(v['reserved'])}"
-        fps = "–" if v["fps"] is None else f"{v['fps']:.1f}"
-        self.update(
-            f"cache {v['cache_tokens']} tok · {fmt_bytes(v['cache_bytes'])} │ GPU alloc/reserved {gpu} │ encode {fps} fps"
-        )
+        parts = [f"cache {v['cache_tokens']} tok · {fmt_bytes(v['cache_bytes'])}"]
+        if v["allocated"] is not None:  # on the CPU there is no device memory to show
+            parts.append(f"GPU {fmt_bytes(v['allocated'])} alloc / {fmt_bytes(v['reserved'])} reserved")
+        parts.append("encode –" if v["fps"] is None else f"encode {v['fps']:.1f} fps")
+        return parts
+
+    def lines(self, width: int) -> list[str]:
+        out: list[str] = []
+        for part in self.parts():
+            if out and len(out[-1]) + 3 + len(part) <= width:
+                out[-1] += " │ " + part
+            else:
+                out.append(part)
+        return out
+
+    def get_content_height(self, container, viewport, width: int) -> int:
+        return len(self.lines(width))
+
+    def render(self) -> Text:
+        return Text("\n".join(self.lines(self.content_size.width or 80)), no_wrap=True, overflow="ellipsis")

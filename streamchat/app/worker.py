@@ -12,12 +12,14 @@ the CLI, and snapshots are the same files.
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from .. import hf, inuse
 from ..config import SessionConfig
 from ..engine import Answer
 from ..errors import UserError
@@ -72,6 +74,26 @@ class ChunkGate:
 
 class Stopped(Exception):
     """The worker was asked to stop while it was inside a chunk."""
+
+
+def check_resumable(name: str, video: str | None = None) -> tuple[dict, dict[str, str]]:
+    """What can be checked before a session is resumed, without a model and without reading the cache:
+    the session, its latest snapshot's file (header only) and its video (by sha256). Returns the
+    session's row and the snapshot's metadata; raises a one-line UserError."""
+    from ..session import _resolve, check_video
+    from ..snapshots import read_header
+
+    with Store() as store:
+        row = store.get_session(name)
+        snaps = store.snapshots(row["id"])
+    if not snaps:
+        raise UserError(
+            f"session {row['name']} has no snapshot, so there is no cache to resume (save one with F3 in the app); "
+            f"`streamchat sessions show {row['name']}` shows its log"
+        )
+    _, meta, _ = read_header(_resolve(snaps[-1]["path"]))  # missing or truncated: a one-line SnapshotError
+    check_video(row, video)
+    return row, meta
 
 
 def open_session(launch: Launch, loaded: Loaded | None) -> LiveSession:
@@ -206,6 +228,7 @@ class EngineWorker:
             self._set_state("failed")
             self.post(m.EngineFailed(error_line(exc), fatal=True))
             return
+        held = inuse.hold(self.live.id)  # `sessions rm` refuses while the app has the session open
         try:
             self._hook_encode()
             self.post(self._ready())
@@ -223,7 +246,19 @@ class EngineWorker:
                 elif busy:
                     self._encode_one()
         finally:
+            held.release()
             self.live.close()
+
+    def _explain(self, exc: BaseException) -> str:
+        """error_line, except when the store lost the session (removed while open, the database replaced):
+        then say so, since sqlite's own words (FOREIGN KEY constraint failed) do not."""
+        if isinstance(exc, sqlite3.IntegrityError) and self.live is not None:
+            try:
+                self.live.store.get_session(self.live.id)
+            except UserError:
+                return (f"session {self.live.name} is no longer in the store (removed while the app had it open?), "
+                        "so nothing more is logged; start a new session to keep a log")
+        return error_line(exc)
 
     def _due(self) -> bool:
         """With --realtime, whether the next chunk's last frame has "arrived" (pauses don't count)."""
@@ -232,6 +267,7 @@ class EngineWorker:
         s = self.live.stream
         if self._pace_t0 is None:
             self._pace_t0 = self.clock()
+            self._paused_total = 0.0  # a pause before the first chunk is not video time either
             self._pace_origin = s.source.plan[s.next_frame][1] if s.next_frame < s.total_frames else 0.0
         last = min(s.next_frame + s.config.chunk_frames, s.total_frames) - 1
         elapsed = self.clock() - self._pace_t0 - self._paused_total
@@ -247,6 +283,9 @@ class EngineWorker:
             chunks = [by_index[i] for i in sorted(by_index) if i < live.engine.chunks_encoded]
         return m.EngineReady(
             session=live.name,
+            frame=s.read_frames([s.next_frame - 1])[0] if s.next_frame else None,
+            cache_tokens=live.engine.cache_tokens,
+            cache_bytes=hf.cache_bytes(live.engine.cache),
             video=Path(s.source.info.path).name,
             model=s.loaded.model_id,
             device=str(s.loaded.device),
@@ -254,6 +293,8 @@ class EngineWorker:
             chunk_frames=s.config.chunk_frames,
             sampled_fps=s.fps,
             frames_done=s.next_frame,
+            position_s=live.position_s,
+            end_s=s.source.plan[-1][1] if s.total_frames else 0.0,
             history=history,
             chunks=chunks,
         )
@@ -290,7 +331,7 @@ class EngineWorker:
         except Exception as exc:  # noqa: BLE001 - the app shows it; encoding pauses until resumed
             self._paused.set()
             self._set_state("paused")
-            self.post(m.EngineFailed(f"encoding stopped: {error_line(exc)}"))
+            self.post(m.EngineFailed(f"encoding stopped: {self._explain(exc)}"))
             return
         if stats is not None:
             self.post(m.ChunkEncoded(stats, self.live.stream.next_frame, self.clock() - t0))
@@ -319,7 +360,7 @@ class EngineWorker:
         try:
             job()
         except Exception as exc:  # noqa: BLE001
-            self.post(m.Notice(error_line(exc), kind="error"))
+            self.post(m.Notice(self._explain(exc), kind="error"))
         finally:
             self._set_state()
 
@@ -340,10 +381,12 @@ class EngineWorker:
         try:
             ans = live.ask(question, on_token=on_token)
         except Exception as exc:  # noqa: BLE001
-            self.post(m.AnswerFailed(turn, error_line(exc)))
+            self.post(m.AnswerFailed(turn, self._explain(exc)))
         else:
             self.last = (ans, live.last_turn_id)
-            figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s}
+            figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s,
+                       # the cache now: with history=keep it holds the turn as well
+                       "cache_tokens_after": live.engine.cache_tokens, "cache_bytes_after": hf.cache_bytes(live.engine.cache)}
             self.post(m.AnswerDone(turn, ans.text, figures))
         finally:
             self._set_state()
