@@ -257,6 +257,7 @@ class StreamEngine:
         per_pair = (height // unit) * (width // unit)
         chunk_tokens = self.config.chunk_frames // 2 * per_pair
         planned = len(self.pending) + -(-total_frames // 2) * per_pair + self._answer_room()
+        self.planned_tokens = planned  # the whole stream, the shortest question and the longest answer
         self.budget = resolve(self.config.memory, bytes_per_token=self.bytes_per_token, max_context=self.max_context,
                               planned_tokens=planned, chunk_tokens=chunk_tokens,
                               answer_room=self._answer_room() + RESERVE_MARGIN)  # bounded: room for real questions

@@ -245,6 +245,9 @@ class EngineWorker:
                     self._do(cmd)
                 elif busy:
                     self._encode_one()
+        except Exception as exc:  # noqa: BLE001 - a bug outside a chunk or a question: say so, never die silently
+            self._set_state("failed")
+            self.post(m.EngineFailed(self._explain(exc), fatal=True))
         finally:
             held.release()
             self.live.close()
@@ -285,7 +288,7 @@ class EngineWorker:
             session=live.name,
             frame=s.read_frames([s.next_frame - 1])[0] if s.next_frame else None,
             cache_tokens=live.engine.cache_tokens,
-            cache_bytes=hf.cache_bytes(live.engine.cache),
+            cache_bytes=live.engine.cache.nbytes,
             video=Path(s.source.info.path).name,
             model=s.loaded.model_id,
             device=str(s.loaded.device),
@@ -386,7 +389,7 @@ class EngineWorker:
             self.last = (ans, live.last_turn_id)
             figures = {**ans.turn_fields(), "frames": ans.frames_seen, "at_s": live.position_s,
                        # the cache now: with history=keep it holds the turn as well
-                       "cache_tokens_after": live.engine.cache_tokens, "cache_bytes_after": hf.cache_bytes(live.engine.cache)}
+                       "cache_tokens_after": live.engine.cache_tokens, "cache_bytes_after": live.engine.cache.nbytes}
             self.post(m.AnswerDone(turn, ans.text, figures))
         finally:
             self._set_state()
