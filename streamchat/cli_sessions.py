@@ -205,7 +205,8 @@ def cmd_run(args) -> int:
                 raise UserError(f"a session named {args.session!r} already exists; pick another --session or `streamchat resume {args.session}`")
         loaded = load_model(args)
         with LiveSession.create(loaded, source, config, name=args.session, store=store) as live:
-            warn(source.warning)
+            for w in live.warnings:  # a partly decodable video; auto memory that bounds the stream
+                warn(w)
             return _drive(args, live, asks)
 
 

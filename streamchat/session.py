@@ -98,6 +98,8 @@ class LiveSession:
         self.warnings: list[str] = snapshot.version_warnings() if snapshot is not None else []
         if stream.source.warning:  # a partly decodable video: for resume and the app to show
             self.warnings.append(stream.source.warning)
+        if stream.budget.reason:  # auto memory chose bounded: say so wherever the session runs
+            self.warnings.append(stream.budget.reason)
         self.turn_records: list[dict] = []  # turns asked by this process, as `run --json` prints them
         self.last_turn_id: str | None = None
         self.last_snapshot: dict | None = None
@@ -305,6 +307,8 @@ class LiveSession:
                 "prompt": segments_to_json(ans.prompt),
                 "first_top": top,
                 "history": self.config.history,
+                "memory": self.engine.budget.to_json(),
+                "retrieval_ms": round(ans.retrieval_s * 1000, 3),
                 "chunks_encoded": self.engine.chunks_encoded,
                 "dtype": snapshots.dtype_name(self.loaded.dtype),
                 "device": str(self.loaded.device),
@@ -356,6 +360,8 @@ class LiveSession:
             **self.stream.source.info.to_json(),
             "model": self.loaded.model_id,
             "history": self.config.history,
+            "memory": self.engine.budget.to_json(),
+            "archive_bytes": self.engine.book.archive.host_bytes + self.engine.book.archive.disk_bytes,
             "frames": self.engine.frames_seen,
             "chunks": self.engine.chunks_encoded,
             "cache_tokens": self.engine.cache_tokens,

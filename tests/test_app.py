@@ -426,3 +426,33 @@ async def test_plots_give_way_on_a_short_terminal_even_under_the_help_screen(tin
         await pilot.resize_terminal(120, 40)
         await pilot.pause()
         assert [p.display for p in plots] == [True, True]
+
+
+@aio
+async def test_under_bounded_memory_the_answer_says_what_it_recalled_and_the_timeline_lights_it(tiny, app_clip):
+    """A real bounded session (a working set of a few pages): the answer's line names the archived time
+    spans it brought back, the timeline colours exactly their chunks, and clicking an older answer
+    shows that answer's spans instead."""
+    from streamchat.memory import MemoryConfig
+
+    from dataclasses import replace
+
+    cfg = replace(config(history="drop"), memory=MemoryConfig(mode="bounded", gpu_kv_budget="360", retrieve_tokens=32))
+    app, gate = make_app(tiny, app_clip, allow=None, cfg=cfg)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: app.state == "done", what="encoding done")
+        await ask(pilot, "What is red?")
+        await until(pilot, lambda: app.last_answer is not None, what="the answer")
+        _, chunks, turns = session_row()
+        spans = turns[0]["retrieved"]
+        assert spans and app.engine.live.engine.book.archive.pages  # pages did leave, and some came back
+        per = cfg.chunk_frames
+        expected = {c for s in spans for c in range(s["frame_first"] // per, s["frame_last"] // per + 1)}
+        assert app.timeline.recalled == expected
+        line = str(app.turns[1].figures.render())
+        assert "recalled 0:0" in line and line.count("–") == len(spans)
+        assert app.turns[1].figures.has_class("-selected")
+        # a question the archive does not serve (nothing brought back): selecting it clears the timeline
+        app.turns[1].retrieved = []
+        await pilot.click(app.turns[1].figures)
+        assert app.timeline.recalled == set() and not app.turns[1].figures.has_class("-selected")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from rich.text import Text
@@ -48,15 +48,24 @@ class TurnView:
     figures: Static
     stream: MarkdownStream | None = None
     written: str = ""  # what the stream has been given so far
+    retrieved: list = field(default_factory=list)  # bounded memory: the archived spans this answer brought back
+
+
+def clock(seconds: float) -> str:
+    return f"{int(seconds // 60)}:{seconds % 60:04.1f}"
 
 
 def figures_line(f: dict) -> str:
-    """The quiet line under an answer."""
+    """The quiet line under an answer; under bounded memory, the archived spans it recalled."""
     f = {k: (v if v is not None else 0) for k, v in f.items()}  # rows logged by other tools may lack some
-    return (
+    line = (
         f"TTFT {f['ttft_ms']:.1f} ms · {f['tokens_per_s']:.1f} tok/s · {f['new_tokens']} tokens · "
         f"cache {f['cache_tokens']} tokens · at {f['at_s']:.1f} s ({f['frames']} frames)"
     )
+    spans = f.get("retrieved") or []
+    if spans:
+        line += " · recalled " + ", ".join(f"{clock(s['t_start_s'])}–{clock(s['t_end_s'])}" for s in spans)
+    return line
 
 
 def binding_ids() -> list[str]:
@@ -201,6 +210,7 @@ class ChatApp(App[None]):
             return
         self._frames_done = message.frames_done
         self._position_s = message.position_s
+        self._chunk_frames = message.chunk_frames
         timeline = self.timeline
         chunks = -(-message.total_frames // message.chunk_frames)
         timeline.reset(chunks, cached=message.frames_done // message.chunk_frames)
@@ -214,8 +224,10 @@ class ChatApp(App[None]):
         for t in message.history:
             self.turn_count += 1
             figures = {"ttft_ms": t["ttft_ms"], "tokens_per_s": t["tokens_per_s"], "new_tokens": t["new_tokens"],
-                       "cache_tokens": t["cache_tokens"], "at_s": t["at_s"], "frames": t["frames_seen"]}
+                       "cache_tokens": t["cache_tokens"], "at_s": t["at_s"], "frames": t["frames_seen"],
+                       "retrieved": t.get("retrieved") or []}
             view = await self._mount_turn(t["question"], t["answer"], figures_line(figures))
+            view.retrieved = figures["retrieved"]
             timeline.marks.add(max(-(-(t["frames_seen"] or 0) // message.chunk_frames) - 1, 0))
             self.turns[self.turn_count] = view
             self.last_answer = t["answer"]
@@ -289,6 +301,8 @@ class ChatApp(App[None]):
         # One full update after stop(): a streamed half-open fence can leave block state that drops content.
         await view.answer.update(message.text)
         view.figures.update(figures_line(message.figures))
+        view.retrieved = message.figures.get("retrieved") or []
+        self.select_turn(view)
         self.last_answer = message.text
         self.unsaved = True
         self.metrics.set(cache_tokens=message.figures["cache_tokens_after"], cache_bytes=message.figures["cache_bytes_after"])
@@ -336,6 +350,20 @@ class ChatApp(App[None]):
             then()
 
     # --- chat ---------------------------------------------------------------------------------
+
+    def select_turn(self, view: TurnView) -> None:
+        """The chosen answer (the newest, or one clicked): its recalled spans light up on the timeline."""
+        per_chunk = getattr(self, "_chunk_frames", 0) or 1
+        chunks = {c for s in view.retrieved for c in range(s["frame_first"] // per_chunk, s["frame_last"] // per_chunk + 1)}
+        for other in self.turns.values():
+            other.figures.set_class(other is view and bool(chunks), "-selected")
+        self.timeline.show_recalled(chunks)
+
+    def on_click(self, event) -> None:
+        for view in self.turns.values():
+            if event.widget is view.figures:
+                self.select_turn(view)
+                return
 
     async def _mount_turn(self, question: str, answer: str = "", figures: str = "") -> TurnView:
         chat = self.chat

@@ -75,7 +75,8 @@ SPARK = "▁▂▃▄▅▆▇█"
 
 
 class ChunkTimeline(Widget):
-    """One cell per chunk coloured by state (waiting, encoding, in cache), a row of marks where
+    """One cell per chunk coloured by state (waiting, encoding, in cache, recalled by the selected answer
+    under bounded memory), a row of marks where
     questions were asked, and a sparkline of per-chunk encode time, all aligned by chunk.
     Long videos put several chunks in a cell (the cell shows the least advanced state)."""
 
@@ -93,6 +94,7 @@ class ChunkTimeline(Widget):
         self.encoding: int | None = None
         self.marks: set[int] = set()  # chunk indices after which a question was asked
         self.cached = 0  # chunks in the cache
+        self.recalled: set[int] = set()  # chunks the selected answer brought back from the archive
 
     def reset(self, total: int, cached: int = 0) -> None:
         self.total, self.cached = total, cached
@@ -110,6 +112,10 @@ class ChunkTimeline(Widget):
         self.cached = max(self.cached, index + 1)
         if self.encoding == index:
             self.encoding = None
+        self.refresh()
+
+    def show_recalled(self, chunks: set[int]) -> None:
+        self.recalled = set(chunks)
         self.refresh()
 
     def mark(self) -> None:
@@ -133,7 +139,7 @@ class ChunkTimeline(Widget):
         per_cell, cols = self._layout(width)
         cells = math.ceil(self.total / per_cell) if self.total else 0
         top = max(self.encode_ms.values(), default=0.0)
-        styles = {"cache": "green", "encoding": "bold yellow", "waiting": "grey35"}
+        styles = {"cache": "green", "encoding": "bold yellow", "waiting": "grey35", "recalled": "bold magenta"}
         out = Text(no_wrap=True, overflow="crop")
         for row_start in range(0, max(cells, 1), cols):
             cell_row, mark_row, spark_row = Text(), Text(), Text()
@@ -145,6 +151,8 @@ class ChunkTimeline(Widget):
                     state = "cache"
                 else:
                     state = "waiting"
+                if state == "cache" and any(c in self.recalled for c in chunks):
+                    state = "recalled"  # in the archive, brought back for the selected answer
                 cell_row.append("█" if state != "waiting" else "░", styles[state])
                 mark_row.append("▲" if any(c in self.marks for c in chunks) else " ", "bold magenta")
                 ms = [self.encode_ms[c] for c in chunks if c in self.encode_ms]
