@@ -34,6 +34,13 @@ def register_logs(sub) -> None:
     _child_output_options(a)
 
 
+def _recalled(spans) -> str:
+    """Bounded memory: the archived time spans a turn brought back, as the app shows them."""
+    if not spans:
+        return ""
+    return " · recalled " + ", ".join(f"{s['t_start_s']:.1f}–{s['t_end_s']:.1f} s" for s in spans)
+
+
 def _cut(text: str | None, limit: int = 100) -> str:
     text = " ".join((text or "").split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -89,7 +96,7 @@ def cmd_logs(args) -> int:
             cut(r["answer"]),
             "",
             f"TTFT {_s(r['ttft_ms'], '{:.1f} ms')} · latency {_s(r['latency_ms'], '{:.1f} ms')} · "
-            f"{_s(r['new_tokens'])} tokens · cache {_s(r['cache_tokens'])} tokens",
+            f"{_s(r['new_tokens'])} tokens · cache {_s(r['cache_tokens'])} tokens" + _recalled(r.get("retrieved")),
         ]))
     sys.stdout.write("\n\n".join(blocks) + "\n")
     return 0

@@ -36,6 +36,9 @@ def test_a_bounded_session_resumed_from_its_snapshot_answers_like_an_uninterrupt
     with Store() as store:
         turns = store.turns(store.get_session("full")["id"])
     assert [t["retrieved"] for t in turns] == [t["retrieved"] for t in full["turns"]]  # the store's column
+    rc, out, _ = cli(capsys, "logs", "--session", "full")
+    spans = next(t["retrieved"] for t in full["turns"] if t["retrieved"])
+    assert rc == 0 and f"recalled {spans[0]['t_start_s']:.1f}–{spans[0]['t_end_s']:.1f} s" in out
 
 
 def test_a_bounded_snapshot_with_a_damaged_page_file_is_refused_at_the_question(home, clip_24fps, capsys):
