@@ -122,6 +122,15 @@ def _speedup(x: float | None) -> str:
 SPEEDUP_NOTE = "speedup = offline time / streaming time"
 
 
+def _memory_line(memory: dict | None, st: dict) -> str:
+    """Which memory policy the streaming side ran under; bounded: what its agreement with offline measures."""
+    if not memory or memory["mode"] == "exact":
+        return "  memory exact: every token in the cache, the same computation as offline"
+    spans = st.get("retrieved") or []
+    return (f"  memory bounded: a working set of {memory['working_tokens']:,} tokens and {len(spans)} archived span(s) "
+            f"recalled for the question, so the agreement below measures the policy against the exact whole video")
+
+
 def text_report(r: dict) -> str:
     st, of, m = r["streaming"], r["offline"], r["match"]
     smp = r["sampling"]
@@ -145,6 +154,7 @@ def text_report(r: dict) -> str:
         f"  new tokens             {st['new_tokens']:>12}  {of['new_tokens'] if of else '—':>11}",
         "",
         "Memory and cache",
+        _memory_line(r.get("memory"), st),
         f"  cache tokens {st['cache_tokens']}, cache size {mib(st['cache_bytes'])} MiB",
         f"  streaming peak {_gpu_mib(r, max(st['peak_bytes'], st['encode_peak_bytes']))}, "
         f"allocated after encode {_gpu_mib(r, st['allocated_after_encode_bytes'])}",

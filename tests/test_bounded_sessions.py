@@ -82,3 +82,14 @@ def test_budgets_that_cannot_work_are_one_line_and_exit_2(home, clip_24fps, caps
     assert expected in err
     with Store() as store:
         assert store.list_sessions(every=True) == []  # refused before a session row was made
+
+
+def test_compare_under_bounded_memory_reports_its_agreement_with_the_whole_video(home, clip_long, capsys):
+    flags = ["--model", "tiny-random", "--fps", "8", "--max-new-tokens", "8", "--gpu-kv-budget", "438", "--retrieve-tokens", "64"]
+    doc = cli_json(capsys, "compare", clip_long, *flags)
+    assert doc["memory"]["mode"] == "bounded" and doc["streaming"]["retrieved"]
+    assert doc["match"]["max_logit_diff"] is not None and doc["offline"]["frames"] == doc["streaming"]["frames"] == 96
+    rc, out, _ = cli(capsys, "compare", clip_long, *flags)
+    assert rc == 0 and "memory bounded: a working set of 100 tokens" in out and "measures the policy" in out
+    exact = cli_json(capsys, "compare", clip_long, "--model", "tiny-random", "--fps", "8", "--max-new-tokens", "8")
+    assert exact["memory"]["mode"] == "exact" and exact["match"]["identical"] is True
