@@ -62,6 +62,11 @@ def frame_count(prompt: list[Segment]) -> int:
     return len({f for s in prompt if isinstance(s, VideoSeg) for f in s.frames})
 
 
+def prompt_tokens(prompt: list[Segment]) -> int:
+    """Tokens the prompt takes in the cache: its text and its videos' merged patches."""
+    return sum(len(s.ids) if isinstance(s, TextSeg) else s.tokens for s in prompt)
+
+
 def halve(prompt: list[Segment]) -> list[Segment]:
     """The same prompt with every other frame of each video segment (stride doubled), pairs kept even."""
     out: list[Segment] = []

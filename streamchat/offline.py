@@ -16,7 +16,7 @@ import torch
 
 from . import hf
 from .engine import Answer, greedy_decode
-from .layout import Segment, VideoSeg, Vocab, frame_count, halve, render
+from .layout import Segment, VideoSeg, Vocab, frame_count, halve, prompt_tokens, render
 from .metrics import gpu_memory, now, reset_peak, sync
 from .models import Loaded
 from .positions import Cursor, temporal_interval
@@ -106,21 +106,31 @@ def answer_with_retry(
     max_new_tokens: int,
     vocab: Vocab,
     max_attempts: int = 4,
+    context: int | None = None,
 ) -> tuple[Answer | None, list[Attempt]]:
-    """Offline answer; on out-of-memory, retry with the stride doubled (every attempt is reported)."""
+    """Offline answer with the stride doubled while the prompt does not fit the model's context
+    (`context`, default its max_position_embeddings: a long bounded session's whole video) and, up to
+    `max_attempts` times, after running out of memory. Every attempt is reported."""
+    if context is None:
+        context = int(getattr(hf.text_config(loaded.model), "max_position_embeddings", 32768))
     attempts: list[Attempt] = []
-    factor = 1
-    for _ in range(max_attempts):
-        try:
-            ans = answer_offline(loaded, prompt, read_frames, fps / factor, question, max_new_tokens, vocab)
-            attempts.append(Attempt(factor, frame_count(prompt), True))
-            return ans, attempts
-        except torch.OutOfMemoryError as exc:
-            attempts.append(Attempt(factor, frame_count(prompt), False, f"out of memory: {str(exc).splitlines()[0]}"))
-            if loaded.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if frame_count(prompt) <= 2:
-                break
-            prompt = halve(prompt)
-            factor *= 2
+    factor, out_of_memory = 1, 0
+    while out_of_memory < max_attempts:
+        need = prompt_tokens(prompt) + max_new_tokens
+        if need > context and frame_count(prompt) > 2:
+            attempts.append(Attempt(factor, frame_count(prompt), False, f"{need:,} tokens do not fit the model's context of {context:,}"))
+        else:
+            try:
+                ans = answer_offline(loaded, prompt, read_frames, fps / factor, question, max_new_tokens, vocab)
+                attempts.append(Attempt(factor, frame_count(prompt), True))
+                return ans, attempts
+            except torch.OutOfMemoryError as exc:
+                attempts.append(Attempt(factor, frame_count(prompt), False, f"out of memory: {str(exc).splitlines()[0]}"))
+                out_of_memory += 1
+                if loaded.device.type == "cuda":
+                    torch.cuda.empty_cache()
+        if frame_count(prompt) <= 2:
+            break
+        prompt = halve(prompt)
+        factor *= 2
     return None, attempts

@@ -113,3 +113,18 @@ def test_restore_refuses_a_stream_sampled_at_another_fps(tiny, clip_24fps, clip_
     same = Stream(tiny, VideoSource(clip_24fps, config.sampling), config)
     snapshots.load(written.path, same, expected_sha256=written.sha256)  # the check refuses only what differs
     assert same.engine.cache_tokens == made.engine.cache_tokens > 0
+
+
+def test_a_prompt_over_the_models_context_is_answered_at_the_stride_that_fits(tiny, clip_24fps):
+    """A long bounded session's whole video can exceed the model's context (an hour of 448² is 921k
+    tokens): offline doubles the stride until the prompt fits, and says so, before running anything.
+    Here a context of 120 tokens: 24 frames (12 pages of 16) and 12 frames do not fit, 6 do."""
+    from streamchat.layout import prompt_tokens
+
+    q = "What is moving?"
+    stream, ans = streamed(tiny, clip_24fps, 8.0, 24, q)
+    assert prompt_tokens(ans.prompt) == ans.cache_tokens + len(ans.prompt[-1].ids)  # the layout counts the cache's tokens
+    off, attempts = answer_with_retry(tiny, ans.prompt, stream.read_frames, stream.fps, q, 6, stream.engine.vocab, context=120)
+    assert [(a.stride_factor, a.frames, a.ok) for a in attempts] == [(1, 24, False), (2, 12, False), (4, 6, True)]
+    assert attempts[0].error.endswith("tokens do not fit the model's context of 120")
+    assert off is not None and prompt_tokens(off.prompt) + 6 <= 120
