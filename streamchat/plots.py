@@ -19,6 +19,13 @@ def _line_plot(points: list[tuple[float, float]], path: Path, xlabel: str, ylabe
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.set_ylim(bottom=0)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    """Write the figure as PNG atomically (a temporary file renamed into place) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png")
@@ -69,9 +76,4 @@ def long_stream_plot(minutes: list[dict], path: Path) -> Path:
     for ax in axes[1]:
         ax.set_xlabel("stream time (minutes)")
     fig.suptitle("Long stream under the memory policy")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)

@@ -25,19 +25,18 @@ def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, graph
     return torch.cat(out.pooler_output, dim=0)
 
 
-def lm_forward(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
-    """Append `embeds` [1, L, D] at `position_ids` [3, L] to `cache`; return the last hidden state [1, D]."""
+def _append(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache, **kwargs):
+    """The text model over `embeds` [1, L, D] at `position_ids` [3, L], appending to `cache`."""
     lm = model.model.language_model
     # with streamchat's attention the mask is implied (batch 1, no padding): skip building an [L, S+L] mask
     mask = {"full_attention": None} if lm.config._attn_implementation == STREAM_ATTENTION else None
-    out = lm(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids.view(3, 1, -1).to(embeds.device),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    return out.last_hidden_state[:, -1]
+    return lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids.view(3, 1, -1).to(embeds.device),
+              past_key_values=cache, use_cache=True, **kwargs)
+
+
+def lm_forward(model, embeds: torch.Tensor, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Append `embeds` [1, L, D] at `position_ids` [3, L] to `cache`; return the last hidden state [1, D]."""
+    return _append(model, embeds, position_ids, cache).last_hidden_state[:, -1]
 
 
 def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
@@ -80,15 +79,7 @@ def question_queries(model, embeds: torch.Tensor, position_ids: torch.Tensor, ca
     from .rewrites import _qkv
 
     lm = model.model.language_model
-    mask = {"full_attention": None} if lm.config._attn_implementation == STREAM_ATTENTION else None
-    out = lm(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        position_ids=position_ids.view(3, 1, -1).to(embeds.device),
-        past_key_values=cache,
-        use_cache=True,
-        output_hidden_states=True,
-    )
+    out = _append(model, embeds, position_ids, cache, output_hidden_states=True)
     queries = []
     for layer, hidden in zip(lm.layers, out.hidden_states):  # hidden_states[i] is layer i's input
         attn = layer.self_attn
