@@ -106,3 +106,22 @@ def test_bench_reports_offline_out_of_memory_instead_of_failing(home, capsys, mo
     assert r["offline"] == {"ok": False, "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB", "cudnn_sdp": False}
     assert r["agreement"] is None and r["streaming"]["streaming_tax"] is None
     assert r["streaming"]["frames_per_s"] > 0 and r["floors"]["offline_prefill_s"] > 0
+
+
+def test_bench_minutes_streams_under_the_memory_policy_minute_by_minute(home, capsys, tmp_path):
+    """Half a minute of 56x56 frames at 8 fps (120 pages of 4 tokens) through a 100-token working set:
+    per-minute rows, an archive that grows, questions that retrieve, a chart beside the report."""
+    report = tmp_path / "long.md"
+    argv = ["bench", "--minutes", "0.5", "--model", "tiny-random", "--device", "cpu", "--width", "56", "--height", "56",
+            "--fps", "8", "--max-new-tokens", "4", "--gpu-kv-budget", "402", "--retrieve-tokens", "32",
+            "--final-questions", "3", "--report", str(report), "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["memory"]["mode"] == "bounded" and r["memory"]["working_tokens"] == 100
+    [minute] = r["minutes"]
+    assert minute["minute"] == 1 and minute["frames"] == 240 and minute["cache_tokens"] <= 100
+    assert minute["archived_pages"] > 100 and minute["host_bytes"] == minute["archived_pages"] * 4 * r["bytes_per_token"]
+    assert r["final"]["questions"] == 3 and r["final"]["retrieval_p50_ms"] > 0
+    assert (tmp_path / "long-minutes.png").stat().st_size > 10_000 and "long-minutes.png" in report.read_text()
+    with Store() as store:
+        assert [row["kind"] for row in store.runs()] == ["bench-long"]
