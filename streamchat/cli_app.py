@@ -200,6 +200,15 @@ def _goodbye(name: str | None) -> None:
         print(f"session {name} is logged (`streamchat sessions show {name}`); it has no snapshot, so it cannot be resumed")
 
 
+def _check_memory(loaded, source, config) -> None:
+    """The memory policy resolved for the whole video now (one line, exit 2 if it cannot work), not in
+    the app's worker, where it would open a dead app."""
+    from .engine import StreamEngine
+
+    fps = config.sampling.sampled_fps(source.info.native_fps)
+    StreamEngine(loaded, config, fps).resolve_budget(len(source.plan), source.info.resized_height, source.info.resized_width)
+
+
 def cmd_chat(args) -> int:
     from .app import Launch
 
@@ -213,10 +222,12 @@ def cmd_chat(args) -> int:
     if not args.video:
         raise UserError("give a VIDEO to chat about, or --resume NAME (`streamchat sessions list` shows them)")
     config = config_from(args)
-    open_video(args.video, config).close()  # a bad file is a one-line error, before the app opens
+    source = open_video(args.video, config)  # a bad file is a one-line error, before the app opens
     _check_name_free(args.name)
     _need_terminal("chat")
     loaded = _load(args, config.model, args.dtype, config.max_new_tokens)
+    _check_memory(loaded, source, config)
+    source.close()
     return _run(Launch(video=args.video, config=config, device=args.device, dtype=args.dtype, name=args.name,
                        realtime=args.realtime, loaded=loaded), keymap)
 
@@ -235,6 +246,8 @@ def cmd_demo(args) -> int:
     if not clip.exists():
         make_clip(clip, seconds=args.seconds, fps=24.0, width=224, height=224)
     loaded = _load(args, config.model, args.dtype, config.max_new_tokens)
+    with open_video(str(clip), config) as source:
+        _check_memory(loaded, source, config)
     note = DEMO_NOTE if args.model == "tiny-random" else None
     return _run(Launch(video=str(clip), config=config, device=args.device, dtype=args.dtype, note=note,
                        realtime=args.realtime, loaded=loaded), keymap)

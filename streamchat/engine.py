@@ -244,33 +244,43 @@ class StreamEngine:
 
     # --- planning -----------------------------------------------------------------------------
 
+    def resolve_budget(self, total_frames: int, height: int, width: int) -> Budget:
+        """The memory policy resolved for a stream of `total_frames` frames of height x width (resized),
+        with no allocation: exact memory that cannot hold the stream, and budgets that cannot work,
+        are refused here, before any work (the app checks this before it opens)."""
+        vc = hf.vision_config(self.model)
+        unit = vc.patch_size * vc.spatial_merge_size
+        per_pair = (height // unit) * (width // unit)
+        planned = len(self.pending) + -(-total_frames // 2) * per_pair + self._answer_room()
+        self.planned_tokens = planned  # the whole stream, the shortest question and the longest answer
+        budget = resolve(self.config.memory, bytes_per_token=self.bytes_per_token, max_context=self.max_context,
+                         planned_tokens=planned, chunk_tokens=self.config.chunk_frames // 2 * per_pair,
+                         answer_room=self._answer_room() + RESERVE_MARGIN)  # bounded: room for real questions
+        if budget.mode == "exact" and planned > budget.working_tokens:
+            seconds = total_frames / self.fps
+            fit = max((budget.working_tokens - self._answer_room() - len(self.pending)) // per_pair * 2, 0)
+            raise UserError(
+                f"exact memory cannot hold this stream: {total_frames} frames ({seconds:.0f} s at {self.fps:g} fps, "
+                f"{per_pair} tokens a frame pair) need {planned:,} cache tokens, over the limit of {budget.working_tokens:,} "
+                f"(model context {self.max_context:,}, --gpu-kv-budget {self.config.memory.gpu_kv_budget}); about {fit} frames fit. "
+                f"Use --memory bounded (or auto), a lower --fps, --max-pixels, --max-frames or --duration"
+            )
+        return budget
+
     @torch.inference_mode()
     def plan(self, total_frames: int, height: int, width: int) -> Budget:
-        """Resolve the memory policy for a stream of `total_frames` frames of height x width (resized),
-        size the cache for it (the whole video, or the GPU budget when bounded) before the first chunk,
-        and on a GPU prepare everything tied to the cache's buffers: the question and chunk graphs,
-        cuDNN's plans for every prefix block, the vision tower's graph. Buffers that never move keep
-        all of it valid, and it is paid at load (about 1 s for the 3B model, H200), not in the first
-        chunks. Exact memory that cannot hold the stream is refused here, before any work."""
+        """Resolve the memory policy (`resolve_budget`), size the cache for the stream (the whole video,
+        or the GPU budget when bounded) before the first chunk, and on a GPU prepare everything tied to
+        the cache's buffers: the question and chunk graphs, cuDNN's plans for every prefix block, the
+        vision tower's graph. Buffers that never move keep all of it valid, and it is paid at load
+        (about 1 s for the 3B model, H200), not in the first chunks."""
         vc = hf.vision_config(self.model)
         unit = vc.patch_size * vc.spatial_merge_size
         per_pair = (height // unit) * (width // unit)
         chunk_tokens = self.config.chunk_frames // 2 * per_pair
-        planned = len(self.pending) + -(-total_frames // 2) * per_pair + self._answer_room()
-        self.planned_tokens = planned  # the whole stream, the shortest question and the longest answer
-        self.budget = resolve(self.config.memory, bytes_per_token=self.bytes_per_token, max_context=self.max_context,
-                              planned_tokens=planned, chunk_tokens=chunk_tokens,
-                              answer_room=self._answer_room() + RESERVE_MARGIN)  # bounded: room for real questions
+        self.budget = self.resolve_budget(total_frames, height, width)
+        planned = self.planned_tokens
         self.book.archive.host_budget = self.budget.host_bytes
-        if self.budget.mode == "exact" and planned > self.budget.working_tokens:
-            seconds = total_frames / self.fps
-            fit = max((self.budget.working_tokens - self._answer_room() - len(self.pending)) // per_pair * 2, 0)
-            raise UserError(
-                f"exact memory cannot hold this stream: {total_frames} frames ({seconds:.0f} s at {self.fps:g} fps, "
-                f"{per_pair} tokens a frame pair) need {planned:,} cache tokens, over the limit of {self.budget.working_tokens:,} "
-                f"(model context {self.max_context:,}, --gpu-kv-budget {self.config.memory.gpu_kv_budget}); about {fit} frames fit. "
-                f"Use --memory bounded (or auto), a lower --fps, --max-pixels, --max-frames or --duration"
-            )
         self.planned_frames = total_frames if self.budget.mode == "exact" else None
         if self.bounded:
             self.book.reserve(-(-total_frames // 2), hf.text_config(self.model), self.loaded.device)

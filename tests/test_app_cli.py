@@ -181,3 +181,12 @@ def test_on_quit_the_session_and_its_resume_command_are_printed(capsys, cli_clip
         "session logged is logged (`streamchat sessions show logged`); it has no snapshot, so it cannot be resumed\n")
     _goodbye(None)  # no session was ever opened
     assert capsys.readouterr().out == ""
+
+
+def test_a_memory_policy_that_cannot_hold_the_video_is_refused_before_the_app(monkeypatch, cli_clip):
+    with terminal(monkeypatch) as written:
+        assert main(["chat", str(cli_clip), "--model", "tiny-random", "--memory", "exact", "--gpu-kv-budget", "100"]) == 2
+        out = written()
+        assert "exact memory cannot hold this stream" in out and out.count("\n") == 1
+        assert main(["chat", str(cli_clip), "--model", "tiny-random", "--memory", "bounded", "--gpu-kv-budget", "300"]) == 2
+        assert "cannot hold two chunks" in written()
