@@ -452,6 +452,8 @@ async def test_under_bounded_memory_the_answer_says_what_it_recalled_and_the_tim
         line = str(app.turns[1].figures.render())
         assert "recalled 0:0" in line and line.count("–") == len(spans)
         assert app.turns[1].figures.has_class("-selected")
+        archived = len(app.engine.live.engine.book.archive.pages)
+        assert f"8/8 frames · all encoded, {archived} pages archived" in str(app.rate.render())
         # a question the archive does not serve (nothing brought back): selecting it clears the timeline
         app.turns[1].retrieved = []
         await pilot.click(app.turns[1].figures)

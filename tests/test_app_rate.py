@@ -25,4 +25,6 @@ def test_as_fast_as_possible_rate_and_time_left():
 def test_before_the_first_chunk_and_at_the_end():
     assert rate_text(done=0, total=8, frames_run=0, wall_s=0.0, sampled_fps=4.0, realtime=False, video_left_s=2.0) == "0/8 frames"
     assert rate_text(done=8, total=8, frames_run=8, wall_s=1.0, sampled_fps=4.0, realtime=True, video_left_s=0.0) == "8/8 frames · all in the cache"
+    assert rate_text(done=8, total=8, frames_run=8, wall_s=1.0, sampled_fps=4.0, realtime=False, video_left_s=0.0,
+                     archived_pages=3) == "8/8 frames · all encoded, 3 pages archived"
     assert [duration(s) for s in (0.4, 59.6, 60, 125)] == ["0 s", "1 min 00 s", "1 min 00 s", "2 min 05 s"]

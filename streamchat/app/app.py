@@ -112,6 +112,7 @@ class ChatApp(App[None]):
         self._frames_done = 0  # plan frames in the cache
         self._frames_run = 0  # frames encoded by this worker, and the wall time they took
         self._wall_run = 0.0
+        self._archived = 0  # bounded memory: pages this worker moved out of the working set
         self._position_s = 0.0  # video second of the last frame in the cache
 
     # --- layout -------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ class ChatApp(App[None]):
         self.rate.update(rate_text(
             done=self._frames_done, total=info.total_frames if info else 0, frames_run=self._frames_run,
             wall_s=self._wall_run, sampled_fps=info.sampled_fps if info else 0.0, realtime=self.launch.realtime,
-            video_left_s=(info.end_s - self._position_s) if info else 0.0,
+            video_left_s=(info.end_s - self._position_s) if info else 0.0, archived_pages=self._archived,
         ))
 
     # --- engine messages ----------------------------------------------------------------------
@@ -256,6 +257,7 @@ class ChatApp(App[None]):
         self._position_s = s.t_end_s
         self._frames_run += s.frame_last - s.frame_first + 1
         self._wall_run += message.wall_s
+        self._archived += s.evicted_pages
         self.timeline.encoded(s.index, s.encode_s * 1000)
         self.progress.update(progress=message.frames_done)
         self.encode_plot.add(s.cache_tokens, s.encode_s * 1000)

@@ -13,7 +13,7 @@ def times(x: float) -> str:
 
 
 def rate_text(*, done: int, total: int, frames_run: int, wall_s: float, sampled_fps: float, realtime: bool,
-              video_left_s: float) -> str:
+              video_left_s: float, archived_pages: int = 0) -> str:
     """Two lines: frames in the cache and the encoder's speed; how it compares with real time and the time left.
 
     `frames_run` frames took `wall_s` seconds of decoding and encoding (this run only: waits, pauses and
@@ -23,7 +23,8 @@ def rate_text(*, done: int, total: int, frames_run: int, wall_s: float, sampled_
     """
     head = f"{done}/{total} frames"
     if done >= total:
-        return f"{head} · all in the cache"
+        # bounded memory: older pages left the cache for the archive, from which questions recall them
+        return f"{head} · all encoded, {archived_pages} pages archived" if archived_pages else f"{head} · all in the cache"
     if frames_run <= 0 or wall_s <= 0:
         return f"{head} · realtime" if realtime else head
     fps = frames_run / wall_s
