@@ -47,6 +47,7 @@ class PageArchive:
     host_bytes: int = 0
     disk_bytes: int = 0
     spill_error: str | None = None  # the last failed spill (a full disk): pages then stay in memory
+    _told: str | None = None
     _free: list = field(default_factory=list, repr=False)  # free pinned slots of `_slot_bytes`
     _slot_bytes: int = 0
     _slabs: list = field(default_factory=list, repr=False)
@@ -101,6 +102,13 @@ class PageArchive:
                 self._free.append(s.buffer)
             s.keys = s.values = s.buffer = None
             self.host_bytes -= s.nbytes
+
+    def news(self) -> str | None:
+        """A spill failure not reported yet (each distinct one once), for a warning line."""
+        if self.spill_error is None or self.spill_error == self._told:
+            return None
+        self._told = self.spill_error
+        return self.spill_error
 
     def write(self, page: int, durable: bool = True) -> Path:
         """The page's file, written (atomically) if it is not on disk yet; `durable` (snapshots) also

@@ -222,7 +222,7 @@ def cmd_ask(args) -> int:
         stream = Stream(loaded, source, config, frames=target)
         tell_budget(args, stream.budget)
         bar = progress_for(args, target, "encoding")
-        stream.encode_until(target, pad_tail=True, on_chunk=lambda c: bar.update(c.frame_last + 1))
+        stream.encode_until(target, pad_tail=True, on_chunk=lambda c: (bar.update(c.frame_last + 1), warn(c.warning)))
         bar.close()
         ans = stream.engine.ask(question)
     else:  # the plain transformers path needs only the prompt's layout, no streaming engine

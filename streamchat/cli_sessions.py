@@ -155,9 +155,13 @@ def _drive(args, live, asks) -> int:
             sys.stdout.write(_turn_text(ans, at_s))
             sys.stdout.flush()
 
+    def on_chunk(c) -> None:
+        bar.update(c.frame_last + 1 - start)
+        if c.warning:  # a spill that failed (a full disk): the session goes on with the pages in memory
+            _warn(c.warning)
+
     try:
-        run_schedule(live, asks, until=args.until, pacer=pacer,
-                     on_chunk=lambda c: bar.update(c.frame_last + 1 - start), on_answer=on_answer)
+        run_schedule(live, asks, until=args.until, pacer=pacer, on_chunk=on_chunk, on_answer=on_answer)
     except KeyboardInterrupt:
         bar.close()
         print(f"streamchat: session {live.name} keeps what was logged ({plural(len(live.store.chunks(live.id)), 'chunk')}, "

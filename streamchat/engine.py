@@ -58,6 +58,7 @@ class ChunkStats:
     memory: dict
     evicted_pages: int = 0  # pages this chunk pushed out of the working set into the archive
     archive_bytes: int = 0  # host + disk bytes of the archive after the chunk
+    warning: str | None = None  # something the user should hear of once (a spill that failed: a full disk)
 
 
 @dataclass
@@ -411,6 +412,7 @@ class StreamEngine:
             memory=gpu_memory(dev),
             evicted_pages=evicted,
             archive_bytes=self.book.archive.host_bytes + self.book.archive.disk_bytes,
+            warning=self.book.archive.news(),
         )
         self.chunks_encoded += 1
         return stats

@@ -4,6 +4,7 @@ and budgets that cannot work refused in one line."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -93,3 +94,22 @@ def test_compare_under_bounded_memory_reports_its_agreement_with_the_whole_video
     assert rc == 0 and "memory bounded: a working set of 100 tokens" in out and "measures the policy" in out
     exact = cli_json(capsys, "compare", clip_long, "--model", "tiny-random", "--fps", "8", "--max-new-tokens", "8")
     assert exact["memory"]["mode"] == "exact" and exact["match"]["identical"] is True
+
+
+def test_a_spill_that_fails_is_reported_once_and_the_session_goes_on(home, clip_long, capsys):
+    """The session's folder cannot take the archive's files (a full disk, here a file where the pages
+    folder should be): one warning line, the pages stay in host memory, questions are answered and
+    every chunk and turn is logged."""
+    (home / "s").mkdir(parents=True)
+    (home / "s" / "pages").write_text("not a folder")
+    rc, out, err = cli(capsys, "run", clip_long, "--model", "tiny-random", "--fps", "8", "--max-new-tokens", "8",
+                       "--gpu-kv-budget", "438", "--retrieve-tokens", "64", "--host-kv-budget", "1KiB",
+                       "--ask", "11:What is red?", "--session", "s", "--json")
+    assert rc == 0, err
+    warnings = [line for line in err.splitlines() if "could not spill archive pages" in line]
+    assert len(warnings) == 1 and "they stay in host memory" in warnings[0]
+    doc = json.loads(out)
+    assert doc["turns"][0]["retrieved"] and doc["archive_bytes"] > 1024
+    with Store() as store:
+        sid = store.get_session("s")["id"]
+        assert len(store.chunks(sid)) == 25 and len(store.turns(sid)) == 1  # 96 frames; frame 88 paired with itself at 11 s

@@ -338,6 +338,8 @@ class EngineWorker:
             return
         if stats is not None:
             self.post(m.ChunkEncoded(stats, self.live.stream.next_frame, self.clock() - t0))
+            if stats.warning:  # a spill that failed (a full disk): encoding goes on, the pages stay in memory
+                self.post(m.Notice(f"warning: {stats.warning}"))
         self._set_state()
         deferred, self._deferred = self._deferred, []
         for cmd in deferred:
