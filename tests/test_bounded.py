@@ -278,3 +278,19 @@ def test_the_question_pass_gives_the_queries_transformers_computes(tiny, clip_24
         e.cache.truncate(base)
     assert ours.shape == reference.shape == (2, 4, len(feed), 16)  # layers, heads, tokens, head dim
     assert torch.allclose(ours, reference, atol=1e-4)
+
+
+def test_exact_memory_stops_at_its_limit_with_one_line_and_stays_askable(tiny, clip_24fps):
+    """Planned for 8 frames under a budget that holds only them, the stream is asked for 24: the chunk
+    that would cross the limit is refused, what was encoded stays, and questions are answered."""
+    from streamchat.engine import ContextFull
+
+    probe = stream_of(tiny, clip_24fps, config(mode="exact"), frames=8)
+    budget = str(probe.engine.planned_tokens + 16)  # room for a real question, not for another chunk (32 tokens)
+    s = stream_of(tiny, clip_24fps, config(mode="exact", budget=budget), frames=8)
+    assert s.budget.working_tokens == int(budget)
+    with pytest.raises(ContextFull, match=r"exact memory is full: .* frames 0-7 .* Use --memory bounded to go on"):
+        s.encode_until(24)
+    assert s.next_frame == 8 and s.engine.frames_seen == 8
+    before = s.engine.cache_tokens
+    assert s.engine.ask(Q).new_tokens >= 1 and s.engine.cache_tokens == before
