@@ -513,7 +513,8 @@ def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
 def text_table(r: dict) -> str:
     c, st, of, ag, fl, ra = r["config"], r["streaming"], r["offline"], r["agreement"], r["floors"], r["rates"]
     out = [
-        f"streamchat bench — {c['model']} on {c['device']} ({c['device_name']}), {c['dtype']}",
+        f"streamchat bench — {c['model']} on {c['device']} ({c['device_name']}), {c['dtype']}"
+        + (f"; layers spread over {', '.join(c['devices'])}" if len(c.get("devices") or []) > 1 else ""),
         f"  {c['frames']} synthetic frames of {c['width']}x{c['height']}, chunks of {c['chunk_frames']}, positions at "
         f"{c['fps']:g} fps, {c['max_new_tokens']} new tokens; cuDNN SDPA {'on' if c['cudnn_sdp_streaming'] else 'off'} for streaming"
         + (f", {'on' if of['cudnn_sdp'] else 'off'} for offline (torch's setting before the engine ran)" if of else ""),
