@@ -188,6 +188,12 @@ def test_random_architecture_builds_part_by_part_on_a_map():
 # --- maps given by the user -----------------------------------------------------------------------
 
 
+def test_a_map_onto_one_device_is_not_split_and_keeps_the_fast_paths():
+    one = load("tiny-random", dtype="float32", device_map={"": "cpu"})
+    assert not one.split and one.devices == (torch.device("cpu"),)
+    assert getattr(one.model, "_hf_hook", None) is None  # accelerate adds no hooks for one device
+
+
 def test_device_map_file_forms(tmp_path):
     flat = tmp_path / "flat.json"
     flat.write_text(json.dumps(CPU_DISK))
