@@ -194,7 +194,8 @@ def load_model(args):
         from .models import parse_device_map
 
         device_map, main_device = parse_device_map(getattr(args, "device_map", None))
-        return load(args.model, device=args.device, dtype=args.dtype, device_map=device_map, main_device=main_device)
+        spread = {} if device_map is None else {"device_map": device_map, "main_device": main_device}
+        return load(args.model, device=args.device, dtype=args.dtype, **spread)
     finally:
         if tell:
             sys.stderr.write("\r" + " " * (len(args.model) + 12) + "\r")

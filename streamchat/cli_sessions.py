@@ -130,8 +130,8 @@ def _loader(args):
         from .models import load, parse_device_map
 
         device_map, main_device = parse_device_map(getattr(args, "device_map", None))
-        return load(model_id, device=args.device, dtype=args.dtype if args.dtype != "auto" else dtype,
-                    device_map=device_map, main_device=main_device)
+        spread = {} if device_map is None else {"device_map": device_map, "main_device": main_device}
+        return load(model_id, device=args.device, dtype=args.dtype if args.dtype != "auto" else dtype, **spread)
 
     return load_model
 
