@@ -286,6 +286,20 @@ def _mem(device, value: int) -> int | None:
     return value if device.type == "cuda" else None  # torch reports no allocator figures on the CPU
 
 
+def per_device_memory(samples: list[dict]) -> dict | None:
+    """{"cuda:N": {weights_bytes, steady_bytes, peak_bytes}} from metrics.gpu_memory figures taken at
+    load (first), after each chunk and after each question; None unless several GPUs are involved."""
+    per = [m.get("devices") for m in samples]
+    if not per or per[0] is None:
+        return None
+    out = {}
+    for d in per[0]:
+        seen = [p[d] for p in per if p is not None and d in p]
+        out[d] = {"weights_bytes": per[0][d]["allocated_bytes"], "steady_bytes": seen[-1]["allocated_bytes"],
+                  "peak_bytes": max(m["peak_bytes"] for m in seen)}
+    return out
+
+
 def _decode_ms(answer) -> float | None:
     n = answer.new_tokens
     return round((answer.latency_s - answer.ttft_s) / (n - 1) * 1000, 3) if n > 1 else None
@@ -353,8 +367,9 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     engine = StreamEngine(loaded, config, s.fps)
     vocab = engine.vocab
     ask_after = {math.ceil(a / s.chunk_frames) - 1 for a in s.questions_at}
-    weights_bytes = gpu_memory(dev)["allocated_bytes"]
-    reset_peak(dev)
+    weights_mem = gpu_memory(loaded.devices)
+    weights_bytes = weights_mem["allocated_bytes"]
+    reset_peak(loaded.devices)
     t0 = now()
     budget = engine.plan(s.frames, s.height, s.width)  # as Stream does at load: the cache sized, graphs captured
     plan_cache_s = now() - t0
@@ -362,6 +377,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     chunks, questions, answers = [], [], []
     wall = wait = 0.0
     encode_peak, steady = 0, 0
+    mem_samples = [weights_mem]  # for the per-device figures with several GPUs
     frames_iter = prefetch(video, plan, engine.preprocess)
     try:
         for i in range(len(plan)):
@@ -376,6 +392,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
             sampler.active = False
             encode_peak = max(encode_peak, st.memory["peak_bytes"])
             steady = st.memory["allocated_bytes"]  # weights + cache, between chunks
+            mem_samples.append(st.memory)
             chunks.append({
                 "chunk": i, "frames": first + n, "encoded_frames": len(frames), "cache_before": before,
                 "cache_after": st.cache_tokens, "vision_ms": round(st.vision_s * 1000, 3),
@@ -392,7 +409,8 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
                 row, answer = _ask(engine, s, costs, rates)
                 questions.append(row)
                 answers.append(answer)
-                reset_peak(dev)  # chunk peaks stay encode-only
+                mem_samples.append(gpu_memory(loaded.devices))  # the question's peak
+                reset_peak(loaded.devices)  # chunk peaks stay encode-only
     finally:
         busy = sampler.close()
         frames_iter.close()
@@ -440,7 +458,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     prefill = offline["prefill_s"] if offline and offline["ok"] else None
     return {
         "config": {
-            "model": loaded.model_id, "device": str(dev),
+            "model": loaded.model_id, "device": str(dev), "devices": [str(d) for d in loaded.devices],
             "device_name": torch.cuda.get_device_name(dev) if cuda else "cpu",
             "dtype": str(loaded.dtype).replace("torch.", ""), **asdict(s), "question": QUESTION, "history": config.history,
             "torch": torch.__version__, "transformers": hf.transformers_version(),
@@ -463,6 +481,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
             "peak_bytes": _mem(dev, max([encode_peak] + [q["peak_bytes"] or 0 for q in questions])),
             "steady_bytes": _mem(dev, steady), "cache_tokens": cache_tokens, "cache_bytes": cache_bytes,
             "cache_bytes_per_token": round(cache_bytes / cache_tokens, 1),
+            "devices": per_device_memory(mem_samples),
         },
         "questions": questions,
         "offline": offline,
@@ -494,7 +513,8 @@ def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
 def text_table(r: dict) -> str:
     c, st, of, ag, fl, ra = r["config"], r["streaming"], r["offline"], r["agreement"], r["floors"], r["rates"]
     out = [
-        f"streamchat bench — {c['model']} on {c['device']} ({c['device_name']}), {c['dtype']}",
+        f"streamchat bench — {c['model']} on {c['device']} ({c['device_name']}), {c['dtype']}"
+        + (f"; layers spread over {', '.join(c['devices'])}" if len(c.get("devices") or []) > 1 else ""),
         f"  {c['frames']} synthetic frames of {c['width']}x{c['height']}, chunks of {c['chunk_frames']}, positions at "
         f"{c['fps']:g} fps, {c['max_new_tokens']} new tokens; cuDNN SDPA {'on' if c['cudnn_sdp_streaming'] else 'off'} for streaming"
         + (f", {'on' if of['cudnn_sdp'] else 'off'} for offline (torch's setting before the engine ran)" if of else ""),
@@ -530,6 +550,8 @@ def text_table(r: dict) -> str:
         f"({st['preprocess_pct_of_wall']:.1f}% of wall) runs ahead in the frame thread, off the GPU's path",
         f"  memory: weights {_gib(st['weights_bytes'])}, peak {_gib(st['peak_bytes'])} (encode {_gib(st['encode_peak_bytes'])}), "
         f"steady {_gib(st['steady_bytes'])}; cache {_gib(st['cache_bytes'])} = {st['cache_tokens']} tokens x {st['cache_bytes_per_token']:.0f} B",
+        *[f"    {d}: weights {_gib(m['weights_bytes'])}, steady {_gib(m['steady_bytes'])}, peak {_gib(m['peak_bytes'])}"
+          for d, m in (st.get("devices") or {}).items()],
         "",
         "Questions (each rolled back; 'again' = the same question at the same length straight after)",
     ]
@@ -593,8 +615,11 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark streaming against the whole-video path on synthetic frames",
                        description="Run the plain transformers whole-video path and streamchat's streaming path side by side "
                        "on the same synthetic frames; print a table, write JSON, log the run in the store.")
-    p.add_argument("--model", default="random:qwen2.5-vl-3b", help="Hugging Face id, local directory, 'tiny-random' or 'random:qwen2.5-vl-3b' (default: random:qwen2.5-vl-3b)")
+    p.add_argument("--model", default="random:qwen2.5-vl-3b", help="Hugging Face id, local directory, 'tiny-random' or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b) (default: random:qwen2.5-vl-3b)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
+    from .cli import add_device_map_option
+
+    add_device_map_option(p)
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--width", type=int, default=None, help=f"frame width, a multiple of 28 (default: {d.width}, 720p resized; 448 with --minutes)")
     p.add_argument("--height", type=int, default=None, help=f"frame height, a multiple of 28 (default: {d.height}; 448 with --minutes)")

@@ -65,7 +65,7 @@ def run_long(loaded, s: LongSettings, memory, on_chunk: Callable[[int], None] | 
         if dev.type == "cuda":
             engine.warmup(video.chunk(*plan[0])[0])
             _free(dev)
-        weights = gpu_memory(dev)["allocated_bytes"]
+        weights = gpu_memory(loaded.devices)["allocated_bytes"]
         t0 = now()
         budget = engine.plan(s.frames, s.height, s.width)
         plan_s = now() - t0
@@ -84,7 +84,7 @@ def run_long(loaded, s: LongSettings, memory, on_chunk: Callable[[int], None] | 
 
         def close_minute(m: dict, answers: list) -> None:
             a = engine.book.archive
-            mem = gpu_memory(dev)
+            mem = gpu_memory(loaded.devices)
             m.update(
                 frames_per_s=round(m["frames"] / m["encode_s"], 2) if m["encode_s"] else None,
                 cache_tokens=engine.cache_tokens,
@@ -103,13 +103,13 @@ def run_long(loaded, s: LongSettings, memory, on_chunk: Callable[[int], None] | 
             rows.append(m)
 
         frames_iter = prefetch(video, plan, engine.preprocess)
-        reset_peak(dev)
+        reset_peak(loaded.devices)
         try:
             for first, n, frames, padded, prepared in frames_iter:
                 this = first // frames_per_minute + 1
                 if minute is not None and this != minute["minute"]:
                     close_minute(minute, ask(s.questions_per_minute))
-                    reset_peak(dev)
+                    reset_peak(loaded.devices)
                 if minute is None or this != minute["minute"]:
                     minute = {"minute": this, "frames": 0, "encode_s": 0.0, "evicted_pages": 0}
                 st = engine.encode(frames, first, padded, (first / s.fps, (first + n - 1) / s.fps), prepared=prepared)
@@ -122,7 +122,7 @@ def run_long(loaded, s: LongSettings, memory, on_chunk: Callable[[int], None] | 
             frames_iter.close()
         final = ask(s.final_questions)
         close_minute(minute, final)
-        sync(dev)
+        sync(loaded.devices)
         ttft = [x.ttft_s * 1000 for x in final]
         report = {
             "model": loaded.model_id, "device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,

@@ -46,13 +46,23 @@ def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop"
 
     d = SessionConfig()
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id, local directory, 'tiny-random' (built in, no download) or 'random:qwen2.5-vl-3b' (default: {DEFAULT_MODEL})")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id, local directory, 'tiny-random' (built in, no download) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {DEFAULT_MODEL})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
+    add_device_map_option(g)
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help=f"frames appended to the cache per step, even (default: {d.chunk_frames})")
     g.add_argument("--history", choices=["drop", "keep"], default=history_default, help=f"drop: roll each answer back; keep: answers stay as dialogue (default: {history_default})")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help=f"longest answer in tokens (default: {d.max_new_tokens})")
     add_memory_options(p)
+
+
+def add_device_map_option(g) -> None:
+    g.add_argument("--device-map", default=None, metavar="auto|balanced|FILE.json",
+                   help="spread the model over several devices through accelerate instead of --device: 'auto' or 'balanced' "
+                        "(whole decoder layers balanced over the visible GPUs), or a JSON file {module: device} (cuda:N, N, cpu "
+                        "or disk; cpu and disk parts are offloaded and run on the first GPU), optionally "
+                        "{\"device_map\": {...}, \"main_device\": \"cpu\"} to run the cpu parts on the CPU (tiny-random and "
+                        "random:<arch> only). Each layer's KV cache lives on its layer's device (default: off, one device)")
 
 
 def add_memory_options(p: argparse.ArgumentParser) -> None:
@@ -181,7 +191,11 @@ def load_model(args):
         sys.stderr.write(f"loading {args.model} …")
         sys.stderr.flush()
     try:
-        return load(args.model, device=args.device, dtype=args.dtype)
+        from .models import parse_device_map
+
+        device_map, main_device = parse_device_map(getattr(args, "device_map", None))
+        spread = {} if device_map is None else {"device_map": device_map, "main_device": main_device}
+        return load(args.model, device=args.device, dtype=args.dtype, **spread)
     finally:
         if tell:
             sys.stderr.write("\r" + " " * (len(args.model) + 12) + "\r")
@@ -206,6 +220,7 @@ def progress_for(args, total: int, label: str, unit: str = "frames"):
 
 
 def cmd_ask(args) -> int:
+    from .metrics import gpu_memory
     from .session import frames_up_to
     from .stream import Stream
 
@@ -245,6 +260,8 @@ def cmd_ask(args) -> int:
         "at_s": args.at,
         "frames": ans.frames_seen,
         "memory": stream.budget.to_json() if args.mode == "streaming" else None,
+        "devices": [str(d) for d in loaded.devices],
+        "device_memory": gpu_memory(loaded.devices).get("devices"),  # per GPU, with several (--device-map)
         "last_frame_s": source.plan[ans.frames_seen - 1][1],  # the video second of the last frame it saw
         **source.info.to_json(),
         **ans.to_json(),

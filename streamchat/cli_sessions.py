@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .cli import Parser, add_engine_options, add_output_options, add_video_options, config_from, emit, open_video, progress_for, warn
+from .cli import Parser, add_device_map_option, add_engine_options, add_output_options, add_video_options, config_from, emit, open_video, progress_for, warn
 from .errors import UserError
 
 
@@ -27,6 +27,7 @@ def _add_schedule_options(p: argparse.ArgumentParser) -> None:
 def _model_options(p: argparse.ArgumentParser, what: str) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
+    add_device_map_option(g)
     g.add_argument("--dtype", default="auto", help=f"float32, bfloat16, float16 or auto (default: auto = the dtype {what})")
     g.add_argument("--video", default=None, metavar="NEW_PATH", help="the session's video, if it moved; checked by sha256 (default: the recorded path)")
 
@@ -126,9 +127,11 @@ def _child_output_options(p: argparse.ArgumentParser) -> None:
 
 def _loader(args):
     def load_model(model_id: str, dtype: str | None):
-        from .models import load
+        from .models import load, parse_device_map
 
-        return load(model_id, device=args.device, dtype=args.dtype if args.dtype != "auto" else dtype)
+        device_map, main_device = parse_device_map(getattr(args, "device_map", None))
+        spread = {} if device_map is None else {"device_map": device_map, "main_device": main_device}
+        return load(model_id, device=args.device, dtype=args.dtype if args.dtype != "auto" else dtype, **spread)
 
     return load_model
 

@@ -39,10 +39,10 @@ def run_compare(loaded: Loaded, source: VideoSource, config: SessionConfig, ques
     target = source.frames_until(at) if at is not None else len(source.plan)
     stream = Stream(loaded, source, config, frames=target)
     dev = loaded.device
-    reset_peak(dev)
+    reset_peak(loaded.devices)
     chunks: list[ChunkStats] = stream.encode_until(target, pad_tail=True, on_chunk=on_chunk)
-    encode_peak = gpu_memory(dev)["peak_bytes"]
-    after_encode = gpu_memory(dev)["allocated_bytes"]
+    encode_peak = gpu_memory(loaded.devices)["peak_bytes"]
+    after_encode = gpu_memory(loaded.devices)["allocated_bytes"]
     on_phase("streaming: answering on the cache")
     s_ans = stream.engine.ask(question)
     cache_bytes = chunks[-1].cache_bytes if chunks else 0

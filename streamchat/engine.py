@@ -173,7 +173,7 @@ def greedy_decode(
             decoder.commit(fed)
             cursor.text(fed)
     while True:
-        embeds = hf.embed_tokens(model, torch.tensor([out[-1]], device=model.device))
+        embeds = hf.embed_tokens(model, torch.tensor([out[-1]], device=hf.input_device(model)))
         hidden = hf.lm_forward(model, embeds, cursor.text(1), cache)
         step_logits = hf.lm_head(model, hidden)
         margin(step_logits)
@@ -350,7 +350,7 @@ class StreamEngine:
             self.chunk_hook(self.chunks_encoded, frames)
         dev = self.loaded.device
         hf.use_stream_attention(self.model, self.config.stream_attention)
-        sync(dev)
+        sync(self.loaded.devices)
         t0 = now()
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if dev.type == "cuda" else None
         if marks:
@@ -385,7 +385,7 @@ class StreamEngine:
                 self._prepare_buffers(video.shape[0])  # new buffers (a restored snapshot, say)
         plan = list(range(first, first + n_real)) + ([first + n_real - 1] if padded else [])
         self._note_chunk(len(text_ids), plan, t_count, h * w, timestamps, video_pos)
-        sync(dev)
+        sync(self.loaded.devices)
         encode_s = now() - t0
         if marks:
             vision_s = marks[0].elapsed_time(marks[1]) / 1000  # GPU time from the chunk's start to the tower's end
@@ -409,7 +409,7 @@ class StreamEngine:
             cache_bytes=self.cache.nbytes,
             encode_s=encode_s,
             vision_s=vision_s,
-            memory=gpu_memory(dev),
+            memory=gpu_memory(self.loaded.devices),
             evicted_pages=evicted,
             archive_bytes=self.book.archive.host_bytes + self.book.archive.disk_bytes,
             warning=self.book.archive.news(),
@@ -592,8 +592,8 @@ class StreamEngine:
         dev = self.loaded.device
         max_new = max_new_tokens or self.config.max_new_tokens
         hf.use_stream_attention(self.model, self.config.stream_attention)
-        reset_peak(dev)
-        sync(dev)
+        reset_peak(self.loaded.devices)
+        sync(self.loaded.devices)
         t0 = now()
         q_ids = self.question_ids(question)
         prompt = self.prompt_with(q_ids)
@@ -605,13 +605,13 @@ class StreamEngine:
         try:
             if self.bounded:
                 retrieved = self._retrieve(feed)
-                sync(dev)
+                sync(self.loaded.devices)
                 retrieval_s = now() - t0
             logits, _ = self._prefill(feed, self.cursor)
             first_logits = logits.detach().cpu()
             decoder = hf.static_decoder(self.model, self.cache.hf, self.cache.graphs) if self.config.static_decode else None
             gen, stamps = greedy_decode(self.model, self.cache.hf, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
-            sync(dev)
+            sync(self.loaded.devices)
         except BaseException:
             # an interrupted answer (stop, error, Ctrl-C) leaves the stream as it was before the question
             self.cache.truncate(cache_before)
@@ -625,7 +625,7 @@ class StreamEngine:
             latency_s=stamps[-1] - t0,
             frames_seen=self.frames_seen,
             cache_tokens=cache_before + len(self.pending),
-            peak_bytes=gpu_memory(dev)["peak_bytes"],
+            peak_bytes=gpu_memory(self.loaded.devices)["peak_bytes"],
             first_logits=first_logits,
             prompt=prompt,
             retrieved=self.book.spans(retrieved),

@@ -52,8 +52,8 @@ def answer_offline(
     vc = hf.vision_config(model)
     interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
     frames = [read_frames(seg.frames) for seg in prompt if isinstance(seg, VideoSeg)]
-    reset_peak(dev)
-    sync(dev)
+    reset_peak(loaded.devices)
+    sync(loaded.devices)
     t0 = now()
     pixels, grids, merged = [], [], []
     for clip in frames:
@@ -73,7 +73,7 @@ def answer_offline(
         positions,
         cache,
     )
-    sync(dev)
+    sync(loaded.devices)
     prefill_s = now() - t0
     first_logits = logits.detach().cpu()
     margins: list[float] = []
@@ -87,7 +87,7 @@ def answer_offline(
         latency_s=stamps[-1] - t0,
         frames_seen=frames_seen,
         cache_tokens=len(ids),
-        peak_bytes=gpu_memory(dev)["peak_bytes"],
+        peak_bytes=gpu_memory(loaded.devices)["peak_bytes"],
         first_logits=first_logits,
         prompt=prompt,
         prefill_s=prefill_s,

@@ -1,7 +1,7 @@
 """Every call into transformers internals, in this package alone (pinned: transformers 5.17.0).
 
 One module per job: `loading` (model, processor, preprocessing), `attention` (streamchat's
-attention functions), `cache` (the growing KV cache), `forward` (forward passes), `graphs` (CUDA
+attention functions), `cache` (the growing KV cache), `devices` (accelerate's device maps), `forward` (forward passes), `graphs` (CUDA
 graphs for decode steps, questions, short chunks and the vision tower), `rewrites` (same-function
 layer rewrites for the GPU). The rest of streamchat imports the names below from `streamchat.hf`.
 
@@ -37,6 +37,7 @@ from .cache import (
     layer_devices,
     new_cache,
 )
+from .devices import build_on_map, dispatch, execution_device, input_device, is_split, model_devices, resolve_map, vision_device
 from .forward import embed_tokens, embed_video, full_forward, lm_forward, lm_head, question_queries, rotary, unrotate
 from .graphs import (
     QuestionPrefill,
@@ -76,5 +77,6 @@ __all__ = [
     "processor_prompt_ids", "question_prefill", "quiet", "qwen25vl_config", "speed_up",
     "static_decoder", "text_config", "tokenizer_from_dir", "transformers_version",
     "use_fast_vision_rotary", "use_stream_attention", "video_pixels", "vision_config", "vision_graph",
-    "vision_tower", "warm_split_plans",
+    "vision_tower", "warm_split_plans", "build_on_map", "dispatch", "execution_device", "input_device", "is_split",
+    "model_devices", "resolve_map", "vision_device",
 ]

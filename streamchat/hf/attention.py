@@ -197,7 +197,9 @@ def use_stream_attention(model, enabled: bool = True) -> None:
         AttentionInterface.register(WINDOW_ATTENTION, _window_sdpa)
     model.config.text_config._attn_implementation = STREAM_ATTENTION if enabled else "sdpa"
     model.config.vision_config._attn_implementation = WINDOW_ATTENTION if enabled else "sdpa"
-    if model.device.type == "cuda":
+    from .devices import input_device
+
+    if input_device(model).type == "cuda":
         # cuDNN attention builds a new plan for every new sequence length (~40 ms of CPU per shape,
         # 400+ ms on a first decode step); flash attention needs none.
         torch.backends.cuda.enable_cudnn_sdp(False)

@@ -88,8 +88,12 @@ def new_cache(model, growing: bool = True):
 
 
 def layer_devices(model) -> list[torch.device]:
-    """The device of each decoder layer's attention (accelerate may spread the layers over several)."""
-    return [layer.self_attn.k_proj.weight.device for layer in model.model.language_model.layers]
+    """Where each decoder layer's attention computes, so where its K/V are made (accelerate may spread
+    the layers over several devices; an offloaded layer's weights read `meta` but it runs on its hook's
+    device)."""
+    from .devices import execution_device
+
+    return [execution_device(layer.self_attn.k_proj) for layer in model.model.language_model.layers]
 
 
 def allocate_cache(model, cache, tokens: int) -> None:

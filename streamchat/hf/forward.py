@@ -6,12 +6,13 @@ import torch
 
 
 from .attention import STREAM_ATTENTION
+from .devices import execution_device, input_device, vision_device
 from .graphs import vision_graph
 
 
 def embed_tokens(model, ids: torch.Tensor) -> torch.Tensor:
-    """ids [L] -> embeddings [1, L, D]."""
-    return model.model.get_input_embeddings()(ids.view(1, -1))
+    """ids [L] -> embeddings [1, L, D] (on the embeddings' device)."""
+    return model.model.get_input_embeddings()(ids.view(1, -1).to(input_device(model)))
 
 
 def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, graphs: dict | None = None) -> torch.Tensor:
@@ -21,7 +22,8 @@ def embed_video(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, graph
     graph = vision_graph(model, grid_thw, pixel_values.shape, graphs)
     if graph is not None:
         return graph.run(pixel_values)
-    out = model.model.get_video_features(pixel_values.to(model.device, non_blocking=True), grid_thw.to(model.device))
+    dev = vision_device(model)  # the tower's device, not model.device (meta when the tower is offloaded)
+    out = model.model.get_video_features(pixel_values.to(dev, non_blocking=True), grid_thw.to(dev))
     return torch.cat(out.pooler_output, dim=0)
 
 
@@ -46,7 +48,7 @@ def lm_head(model, hidden: torch.Tensor) -> torch.Tensor:
 
 def full_forward(model, input_ids, pixel_values, grid_thw, position_ids, cache) -> torch.Tensor:
     """The plain transformers path: one `model(...)` call over the whole prompt, logits of the last token only."""
-    dev = model.device
+    dev = input_device(model)
     out = model(
         input_ids=input_ids.view(1, -1).to(dev),
         pixel_values_videos=None if pixel_values is None else pixel_values.to(dev),
@@ -69,7 +71,8 @@ def unrotate(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     """Undo the rotary embedding of keys [..., H, L, Dh] rotated with cos/sin [1, L, Dh]: rotation by -theta."""
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import rotate_half
 
-    cos, sin = cos.unsqueeze(-3).to(keys.dtype), sin.unsqueeze(-3).to(keys.dtype)
+    # the rotary module may sit on another device than the keys when accelerate spread the model
+    cos, sin = cos.unsqueeze(-3).to(keys.device, keys.dtype), sin.unsqueeze(-3).to(keys.device, keys.dtype)
     return keys * cos - rotate_half(keys) * sin
 
 
@@ -83,6 +86,6 @@ def question_queries(model, embeds: torch.Tensor, position_ids: torch.Tensor, ca
     queries = []
     for layer, hidden in zip(lm.layers, out.hidden_states):  # hidden_states[i] is layer i's input
         attn = layer.self_attn
-        q = _qkv(attn, layer.input_layernorm(hidden.to(layer.input_layernorm.weight.device)))[0]
+        q = _qkv(attn, layer.input_layernorm(hidden.to(execution_device(layer.input_layernorm))))[0]
         queries.append(q.view(hidden.shape[1], -1, attn.head_dim).transpose(0, 1).to(embeds.device))  # [H, T, Dh]
     return torch.stack(queries)

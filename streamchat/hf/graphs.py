@@ -8,6 +8,7 @@ import torch
 
 from .attention import _stream_sdpa
 from .cache import BLOCK_TOKENS, buffers_key as _buffers_key
+from .devices import is_split
 from .rewrites import _mlp, _qkv
 
 # CUDA graphs are captured in "thread_local" mode: the stream's frame thread pins host memory while the
@@ -59,7 +60,7 @@ def _layer_second_half(layer, hidden: torch.Tensor, attn_out: torch.Tensor) -> t
 def vision_graph(model, grid_thw: torch.Tensor, pixel_shape, table: dict | None) -> "VisionGraph | None":
     """The VisionGraph for one video's grid [1, 3] in `table` (made on first use), or None without a
     table, off the GPU or for a model spread over several devices."""
-    if table is None or model.device.type != "cuda" or len(grid_thw) != 1 or getattr(model, "hf_device_map", None) is not None:
+    if table is None or len(grid_thw) != 1 or is_split(model) or model.device.type != "cuda":
         return None
     key = ("vision",) + tuple(int(x) for x in grid_thw[0])
     graphs = table
@@ -406,7 +407,7 @@ def chunk_append(model, cache, tokens: int, table: dict) -> QuestionPrefill | No
 def static_decoder(model, cache, table: dict) -> StaticDecoder | None:
     """The StaticDecoder for `cache`, kept in `table`, or None where it does not apply (the stock
     cache, a model spread over several devices by accelerate)."""
-    if len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1:
+    if is_split(model):
         return None
     if not cache.layers or not hasattr(cache.layers[0], "_reserve") or not cache.layers[0].is_initialized:
         return None

@@ -27,12 +27,13 @@ def quiet() -> None:
 # --- loading ------------------------------------------------------------------------------------
 
 
-def load_pretrained(source: str, *, dtype: torch.dtype, device_map: Any, local_only: bool):
-    """Load the real model class and processor from a hub id or a local directory."""
+def load_pretrained(source: str, *, dtype: torch.dtype, device_map: Any, local_only: bool, **kwargs):
+    """Load the real model class and processor from a hub id or a local directory (`kwargs`: more
+    from_pretrained arguments, such as offload_folder for a device map with "disk" parts)."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        source, dtype=dtype, device_map=device_map, local_files_only=local_only, attn_implementation="sdpa"
+        source, dtype=dtype, device_map=device_map, local_files_only=local_only, attn_implementation="sdpa", **kwargs
     )
     processor = AutoProcessor.from_pretrained(source, local_files_only=local_only)
     return model, processor
