@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 
-from .attention import _stream_sdpa
+from .attention import _stream_sdpa, _window_groups
 from .cache import BLOCK_TOKENS, buffers_key as _buffers_key
 from .rewrites import _mlp, _qkv
 
@@ -96,6 +96,10 @@ class VisionGraph:
             cu_window_seqlens=cu_window,
             max_window_seqlen=int((cu_window[1:] - cu_window[:-1]).max()),
         )
+        # the per-window index tables of the float32/float16 window attention, made now: inside a
+        # capture their host<->device copies fail (the float32 `compare` crash on an H200); held here
+        # so they live as long as the graph that reads them
+        self.window_groups = [_window_groups(cu), _window_groups(cu_window)]
         self.vis, self.grid = vis, grid
         self.pixels = torch.zeros(tuple(pixel_shape), dtype=vis.dtype, device=dev)
         self.out = None
