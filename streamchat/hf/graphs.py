@@ -155,6 +155,7 @@ class StaticDecoder:
         self.flash = dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
         self.cu_q = torch.tensor([0, 1], dtype=torch.int32, device=dev)  # varlen bounds: one query ...
         self.cu_k = torch.zeros(2, dtype=torch.int32, device=dev)  # ... over cu_k[1] keys (length + 1)
+        self.logits = torch.zeros(model.lm_head.out_features, dtype=model.lm_head.weight.dtype, device=dev)  # the last step's
         self.graph = None
         self._graph_key = None
 
@@ -206,6 +207,7 @@ class StaticDecoder:
             out = torch.matmul(p_blk, v_blk).float().sum(2).to(kv._v.dtype)  # [1, H_kv, G, Dh]
             hidden = _layer_second_half(layer, hidden, out.reshape(1, 1, -1))  # out: [1, 1, H * Dh]
         logits = self.model.lm_head(lm.norm(hidden))[0, -1]
+        self.logits.copy_(logits)  # kept for teacher-forced checks (tests/test_gpu_tier.py)
         self.token.copy_(torch.argmax(logits).view(1))
         self.length.add_(1)
         self.pos.add_(1)
