@@ -155,3 +155,31 @@ def test_bench_reports_offline_out_of_memory_instead_of_failing(home, capsys, mo
     assert r["agreement"] is None and r["agreement_fair"] is None
     assert r["streaming"]["streaming_tax_stock"] is None and r["streaming"]["streaming_tax_fair"] is None
     assert r["streaming"]["frames_per_s"] > 0 and r["floors"]["offline_prefill_s"] > 0
+
+
+def test_the_streaming_cache_is_gone_before_the_whole_video_paths_run(home, capsys, monkeypatch):
+    """Their peak memory and out-of-memory headroom must not include the streaming engine's cache."""
+    import gc
+
+    import streamchat.bench_fair
+    import streamchat.offline
+    from streamchat.engine import StreamEngine
+
+    alive = []
+    real_offline, real_fair = streamchat.offline.answer_offline, streamchat.bench_fair.answer_fair
+
+    def engines() -> int:
+        return sum(type(o) is StreamEngine for o in gc.get_objects())
+
+    def offline(*args, **kwargs):
+        alive.append(engines())
+        return real_offline(*args, **kwargs)
+
+    def fair(*args, **kwargs):
+        alive.append(engines())
+        return real_fair(*args, **kwargs)
+
+    monkeypatch.setattr("streamchat.offline.answer_offline", offline)
+    monkeypatch.setattr("streamchat.bench_fair.answer_fair", fair)
+    assert main([*SMALL, "--no-repeat-questions", "--questions", "1", "--json"]) == 0
+    assert alive == [0, 0, 0, 0]  # warm-up and timed run of each path
