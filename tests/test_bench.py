@@ -183,3 +183,11 @@ def test_the_streaming_cache_is_gone_before_the_whole_video_paths_run(home, caps
     monkeypatch.setattr("streamchat.bench_fair.answer_fair", fair)
     assert main([*SMALL, "--no-repeat-questions", "--questions", "1", "--json"]) == 0
     assert alive == [0, 0, 0, 0]  # warm-up and timed run of each path
+
+
+def test_minutes_mode_keeps_the_streams_own_memory_defaults(home, capsys):
+    argv = ["bench", "--model", "tiny-random", "--device", "cpu", "--minutes", "0.1", "--width", "112", "--height", "112",
+            "--final-questions", "1", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["memory"]["gpu_tokens"] == 65536 and r["memory"]["mode"] == "exact"  # auto, resolved: 12 frames fit
