@@ -15,15 +15,7 @@ for: that bias favours them.
 The comparison defaults to exact memory with a GPU KV budget of the model's context, so streaming is
 the whole-video computation; `--memory bounded` (or auto with a small budget) measures a policy instead.
 
-Floors are paper counts (`Costs`), each max(FLOPs / matmul rate, bytes / copy rate):
-  LLM, n new tokens over c cached:  2·P·n + 4·L·H·d·(n·c + n(n+1)/2)   P: matrix weights of the decoder; causal
-  lm_head, one row:                 2·V·D
-  vision, per 2-frame temporal patch of N patches:
-      2·N·(P_embed + P_blocks) + 2·(N/m²)·P_merger + 4·D_vis·((depth − F)·Σ_windows len² + F·N²)
-                                    F full-attention blocks see the pair's N patches, the rest their window
-                                    (windows of w x w merged tokens, m x m patches each; edge windows shorter)
-  bytes read per LLM pass:          (P + V·D)·e + kv·c             weights once, then the KV cache
-The copy rate counts bytes read plus bytes written, so a pass that only reads X bytes takes X / rate.
+Floors are paper counts of FLOPs and bytes over measured rates (bench_floors.py).
 """
 
 from __future__ import annotations
@@ -37,6 +29,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .bench_floors import Costs, measure_rates
 
 QUESTION = "What is happening in the video?"
 WARMUP_WARMS = ("the engine's own warm-up (StreamEngine.warmup: one frame pair and a 3-token question on a throwaway "
@@ -147,141 +141,6 @@ def prefetch(video: SyntheticVideo, plan: list[tuple[int, int]], prep: Callable,
             yield item
     finally:
         stop.set()
-
-
-def _median_s(fn: Callable[[], object], device, warmup: int, reps: int) -> float:
-    """Median seconds of fn(): CUDA events on the GPU, the host clock on the CPU."""
-    import torch
-
-    from .metrics import now, sync
-
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = now()
-            fn()
-            times.append(now() - t0)
-    return statistics.median(times)
-
-
-def measure_rates(device, dtype) -> dict:
-    """Matrix-product FLOP/s in the run's dtype and copy bytes/s (read + write), measured now on this device."""
-    import torch
-
-    cuda = device.type == "cuda"
-    n = 8192 if cuda else 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm_s = _median_s(lambda: a @ b, device, warmup=3, reps=10 if cuda else 5)
-    nbytes = (1 << 30) if cuda else (64 << 20)  # far beyond L2 (50 MB on an H100)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = _median_s(lambda: dst.copy_(src), device, warmup=2, reps=10 if cuda else 5)
-    del a, b, src, dst
-    _free(device)
-    return {"matmul_n": n, "matmul_flop_per_s": 2 * n**3 / mm_s, "copy_bytes": nbytes, "copy_bytes_per_s": 2 * nbytes / copy_s}
-
-
-@dataclass
-class Costs:
-    """Paper FLOP and byte counts of the model (formulas in the module docstring). Parameter counts are
-    the model's own (a vision MLP padded for the GPU's kernels counts at its real width)."""
-
-    llm_linear_params: int  # the decoder's matrix weights (q, k, v, o, gate, up, down), no embedding or head
-    vision_params: int  # every weight of the tower (read once per chunk)
-    vision_embed_params: int  # the patch embedding's matrix (a 3-D convolution over one patch)
-    vision_block_params: int  # the blocks' matrix weights, all blocks
-    vision_merger_params: int  # the merger's matrix weights, applied to merged tokens
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    head_dim: int
-    kv_bytes_per_token: int
-    vision_hidden: int
-    vision_depth: int
-    vision_full_blocks: int
-    window_merged: int  # a window's side in merged tokens (window_size / merge / patch)
-    merge: int
-    patch: int
-    elt: int
-
-    @classmethod
-    def of(cls, model, dtype) -> Costs:
-        import torch
-
-        from . import hf
-
-        tc, vc = hf.text_config(model), hf.vision_config(model)
-        tower = hf.vision_tower(model)
-
-        def matrices(module) -> int:
-            return sum(m.weight.numel() for m in module.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)))
-
-        # hf.pad_vision_mlp widens gate/up (rows, with biases) and down (columns) with zeros on a GPU
-        pad = sum((b.mlp.gate_proj.out_features - vc.intermediate_size) for b in tower.blocks) * vc.hidden_size
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        elt = torch.empty((), dtype=dtype).element_size()
-        return cls(
-            llm_linear_params=matrices(hf.language_model(model)),
-            vision_params=sum(p.numel() for p in tower.parameters()) - 3 * pad - 2 * pad // vc.hidden_size,
-            vision_embed_params=matrices(tower.patch_embed),
-            vision_block_params=matrices(tower.blocks) - 3 * pad,
-            vision_merger_params=matrices(tower.merger),
-            vocab=tc.vocab_size,
-            hidden=tc.hidden_size,
-            layers=tc.num_hidden_layers,
-            heads=tc.num_attention_heads,
-            head_dim=head_dim,
-            kv_bytes_per_token=2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * elt,
-            vision_hidden=vc.hidden_size,
-            vision_depth=vc.depth,
-            vision_full_blocks=sum(1 for i in getattr(vc, "fullatt_block_indexes", []) if i < vc.depth),
-            window_merged=vc.window_size // vc.spatial_merge_size // vc.patch_size,
-            merge=vc.spatial_merge_size,
-            patch=vc.patch_size,
-            elt=elt,
-        )
-
-    def llm_flops(self, new: int, context: int) -> float:
-        """n new tokens over c cached: every matrix once per token, and causal attention's n*c + n(n+1)/2
-        query-key pairs, each 2*d for the scores and 2*d for the values, in every head and layer."""
-        return 2 * self.llm_linear_params * new + 4 * self.layers * self.heads * self.head_dim * (new * context + new * (new + 1) / 2)
-
-    def window_pairs(self, height: int, width: int) -> int:
-        """Query-key pairs of one windowed block over one temporal patch: the merged grid is cut into
-        windows of window_merged x window_merged (the last row and column of windows shorter), each
-        window's patches attend to each other."""
-        def bands(k: int) -> list[int]:
-            full, rest = divmod(k, self.window_merged)
-            return [self.window_merged] * full + ([rest] if rest else [])
-
-        mh, mw = height // self.patch // self.merge, width // self.patch // self.merge
-        return sum((r * c * self.merge**2) ** 2 for r in bands(mh) for c in bands(mw))
-
-    def vision_flops(self, frames: int, height: int, width: int) -> float:
-        """Per 2-frame temporal patch of N patches: the embedding and the blocks' matrices on N rows, the
-        merger's on N / merge² rows, and attention: full blocks over all N² pairs, the rest within windows."""
-        n = (height // self.patch) * (width // self.patch)
-        linear = 2 * n * (self.vision_embed_params + self.vision_block_params) + 2 * (n // self.merge**2) * self.vision_merger_params
-        pairs = (self.vision_depth - self.vision_full_blocks) * self.window_pairs(height, width) + self.vision_full_blocks * n * n
-        return math.ceil(frames / 2) * (linear + 4 * self.vision_hidden * pairs)
-
-    def pass_bytes(self, context: int) -> float:
-        """Bytes one LLM pass reads: the decoder's matrices and the head once, then `context` cached tokens' K and V."""
-        return (self.llm_linear_params + self.vocab * self.hidden) * self.elt + self.kv_bytes_per_token * context
-
-    def floor_s(self, flops: float, nbytes: float, rates: dict) -> float:
-        return max(flops / rates["matmul_flop_per_s"], nbytes / rates["copy_bytes_per_s"])
 
 
 class BusySampler:
@@ -606,144 +465,6 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     }
 
 
-# --- the table and the report ----------------------------------------------------------------------
-
-
-def _f(x, fmt: str = ".1f", unit: str = "") -> str:
-    return "—" if x is None else f"{x:{fmt}}{unit}"
-
-
-def _gib(x) -> str:
-    return _f(None if x is None else x / 2**30, ".2f", " GiB")
-
-
-def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-
-
-def _pcts(p: dict, fmt: str = ".1f") -> str:
-    return f"p50 {_f(p['p50'], fmt)}, p90 {_f(p['p90'], fmt)}, p99 {_f(p['p99'], fmt)}, max {_f(p['max'], fmt)}"
-
-
-def _whole_lines(w: dict | None, label: str) -> list[str]:
-    if w is None:
-        return [label, "  not run (--no-offline)"]
-    if not w["ok"]:
-        return [label, f"  failed: {w['error']}"]
-    return [label, f"  {w['prompt_tokens']} tokens; host preprocessing {w['preprocess_s']:.3f} s "
-            + (f"(inside the prefill's timer), GPU prefill {w['gpu_prefill_s']:.3f} s (prefill {w['prefill_s']:.3f} s minus preprocessing)"
-               if "gpu_prefill_s" in w else f"(before the timer), GPU prefill {w['prefill_s']:.3f} s (vision tower {w['vision_s']:.3f} s of it)"),
-            f"  TTFT {w['ttft_s']:.3f} s, decode {_f(w['decode_ms_per_token'], '.2f', ' ms/token')}"
-            + (" (median step)" if "vision_s" in w else "")
-            + f", peak allocated {_gib(w['peak_bytes'])}, max reserved {_gib(w['max_reserved_bytes'])}"]
-
-
-def _agreement_line(ag: dict | None, other: str) -> list[str]:
-    if ag is None:
-        return [f"  vs {other}: — (no answer)"]
-    out = [f"  vs {other}: tokens identical {'yes' if ag['identical'] else 'no'}, first divergence {_f(ag['first_divergence'], 'd')}, "
-           f"max first-step logit diff {_f(ag['max_logit_diff'], '.3g')}"]
-    if ag.get("margin_at_divergence") is not None:
-        out.append(f"    where they part, {other}'s top two logits were {ag['margin_at_divergence']:.3g} apart "
-                   "(a gap under the logit differences above is a rounding call, not a different computation)")
-    return out
-
-
-def text_table(r: dict) -> str:
-    c, st, of, fa, fl, ra = r["config"], r["streaming"], r["offline"], r.get("fair"), r["floors"], r["rates"]
-    mem = r.get("memory") or {}
-    bounded = c["memory"]["mode"] == "bounded"
-    out = [
-        f"streamchat bench — {c['model']} on {c['device']} ({c['device_name']}), {c['dtype']}",
-        f"  {c['frames']} synthetic frames of {c['width']}x{c['height']}, chunks of {c['chunk_frames']}, positions at "
-        f"{c['fps']:g} fps, {c['max_new_tokens']} new tokens; cuDNN SDPA {'on' if c['cudnn_sdp_streaming'] else 'off'} for streaming"
-        + (f", {'on' if of['cudnn_sdp'] else 'off'} for the stock whole-video path (torch's setting before the engine ran)" if of else ""),
-        f"  warmup: {r['warmup']['warms'] + ' (' + _f(r['warmup']['s'], '.2f', ' s') + '); ' + r['warmup']['whole_video'] if r['warmup']['ran'] else 'off'}",
-        f"  memory: {c['memory']['mode']}, GPU KV budget {c['memory']['gpu_tokens']:,} tokens"
-        + (f" (working set {c['memory']['working_tokens']:,} tokens: streaming is not the whole-video computation, so the "
-           f"agreement below measures the policy; the comparison's default is --memory exact)" if bounded else ""),
-        f"  cache sized for the whole video and question graphs captured before the first chunk "
-        f"(StreamEngine.plan, as at load): {_f(r['warmup'].get('plan_cache_s'), '.2f', ' s')}",
-        "",
-    ]
-    out += _whole_lines(of, "Whole video, stock transformers (one model(...) prefill with sdpa, the vision tower looping over its "
-                            "windows in Python, the stock cache; then greedy)")
-    out += [""] + _whole_lines(fa, "Whole video on streaming's kernels (the same prompt in one prefill: varlen vision windows, "
-                                   "streamchat's attention, the cache sized once, the CUDA-graph decode step)")
-    step = max(1, len(st["chunks"]) // 12)
-    shown = [ch for ch in st["chunks"] if ch["chunk"] % step == 0 or ch["chunk"] == st["n_chunks"] - 1]
-    out += ["", "Streaming, per chunk" + (f" (every {step}th and the last)" if step > 1 else "")
-            + "; vision = the tower with the pixels' upload, from the chunk's start (host preprocessing ran ahead)"]
-    out += _grid(["chunk", "frames", "cache before", "vision ms", "append ms", "total ms", "frames/s", "floor ms"],
-                 [[str(ch["chunk"]), str(ch["frames"]), str(ch["cache_before"]), _f(ch["vision_ms"]), _f(ch["append_ms"]),
-                   _f(ch["encode_ms"]), _f(ch["frames_per_s"], ".2f"), _f(ch["floor_ms"], ".2f")] for ch in shown])
-    busy = _f(st["gpu_busy_pct"], ".0f", "% of encode wall") + f" ({st['gpu_busy_source']})"
-    out += [
-        "",
-        "Streaming totals",
-        f"  encode {st['encode_s']:.3f} s (vision tower + pixel upload {st['vision_s']:.3f}, LLM append {st['append_s']:.3f}) = "
-        f"{st['frames_per_s']:.2f} frames/s; wall {st['wall_s']:.3f} s, {st['frame_wait_s'] * 1000:.1f} ms of it waiting for frames",
-        f"  host preprocessing (normalise, patchify, pin) {st['preprocess_s']:.3f} s in all, {st['preprocess_ms_per_chunk']:.1f} ms/chunk "
-        f"({st['preprocess_pct_of_wall']:.1f}% of wall), in the frame thread, outside encode",
-        f"  streaming tax against the stock whole video {_f(st['streaming_tax_stock'], '.2f', 'x')}, against the whole video on "
-        f"streaming's kernels {_f(st['streaming_tax_fair'], '.2f', 'x')} (encode / GPU prefill; preprocessing excluded on both sides)",
-        f"  GPU busy {busy}",
-        f"  memory: weights {_gib(st['weights_bytes'])}, peak allocated {_gib(st['peak_bytes'])} (encode {_gib(st['encode_peak_bytes'])}), "
-        f"max reserved {_gib(st.get('max_reserved_bytes'))}, steady {_gib(st['steady_bytes'])}; "
-        f"cache {_gib(st['cache_bytes'])} = {st['cache_tokens']} tokens x {st['cache_bytes_per_token']:.0f} B",
-        f"  CUDA context (device memory in use beyond torch's allocator at load; assumes no other process): "
-        f"{_gib(mem.get('cuda_context_bytes'))}",
-        "",
-        "Questions (each rolled back; 'again' = the same question at the same length straight after)",
-    ]
-    out += _grid(["frames", "cache tokens", "TTFT ms", "again", "floor", "decode ms/tok", "again", "floor"],
-                 [[str(q["frames"]) + (" *" if q["first_of_process"] else ""), str(q["cache_tokens"]), _f(q["ttft_ms"]),
-                   _f(q.get("ttft_ms_again")), _f(q["floor_ttft_ms"], ".2f"), _f(q["decode_ms_per_token"], ".2f"),
-                   _f(q.get("decode_ms_per_token_again"), ".2f"), _f(q["floor_decode_ms_per_token"], ".2f")] for q in r["questions"]])
-    if any(q["first_of_process"] for q in r["questions"]):
-        out.append("  * the process's first question")
-    fq = r.get("full_cache_questions")
-    if fq and fq["n"]:
-        out += [f"  at the full cache ({fq['cache_tokens']} tokens), {fq['n']} questions of different lengths: "
-                f"TTFT ms {_pcts(fq['ttft_ms'])}; decode ms/token {_pcts(fq['decode_ms_per_token'], '.2f')}"]
-    out += ["", "Agreement (the last streaming question against each whole-video path: same prompt and frames)"]
-    out += _agreement_line(r["agreement"], "stock") + _agreement_line(r.get("agreement_fair"), "streaming's kernels")
-    dec = r.get("decoding")
-    if dec:
-        out += ["", f"Real decoding (decord through VideoSource, {dec['clip']}, resized to {dec['resized_to']}, sampled at {dec['sampled_fps']:g} fps)",
-                f"  {dec['sampled_frames_per_s']:.1f} sampled frames/s ({dec['native_frames_per_s']:.1f} native frames/s decoded); "
-                f"the stream encodes {dec['stream_frames_per_s']:.1f} frames/s: {'keeps up' if dec['keeps_up_with_stream'] else 'decoding is the bottleneck'}; "
-                f"real time needs {dec['realtime_frames_per_s']:g}: {'keeps up' if dec['keeps_up_with_realtime'] else 'falls behind'}"]
-    out += [
-        "",
-        f"Floors (measured now: {ra['matmul_n']}³ matmul {ra['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s, "
-        f"copy {ra['copy_bytes_per_s'] / 1e9:.0f} GB/s read+write)",
-    ]
-    last = r["questions"][-1]
-    out += _grid(["", "measured", "floor"], [
-        ["streaming encode frames/s", _f(st["frames_per_s"], ".2f"), _f(fl["encode_frames_per_s"], ".2f")],
-        ["stock whole-video GPU prefill s", _f(of["gpu_prefill_s"] if of and of["ok"] else None, ".3f"), _f(fl["offline_prefill_s"], ".3f")],
-        ["whole video on streaming's kernels s", _f(fa["prefill_s"] if fa and fa["ok"] else None, ".3f"), _f(fl["offline_prefill_s"], ".3f")],
-        [f"TTFT ms at {last['cache_tokens']} tokens", _f(last["ttft_ms"]), _f(fl["ttft_ms"], ".2f")],
-        ["decode ms/token there", _f(last["decode_ms_per_token"], ".2f"), _f(fl["decode_ms_per_token"], ".2f")],
-    ])
-    return "\n".join(out)
-
-
-def write_report(r: dict, path: Path) -> list[Path]:
-    """Markdown at `path` with the table, and two PNG charts beside it."""
-    from .plots import encode_plot, ttft_plot
-
-    encode_png = encode_plot([(c["cache_after"], c["encode_ms"]) for c in r["streaming"]["chunks"]], path.with_name(path.stem + "-encode.png"))
-    ttft_png = ttft_plot([(q["cache_tokens"], q["ttft_ms"]) for q in r["questions"]], path.with_name(path.stem + "-ttft.png"))
-    path.write_text(
-        f"# streamchat bench\n\n```text\n{text_table(r)}\n```\n\n"
-        f"![encode time per chunk against cache length]({encode_png.name})\n\n![TTFT against cache size]({ttft_png.name})\n"
-    )
-    return [path, encode_png, ttft_png]
-
-
 # --- command line ---------------------------------------------------------------------------------
 
 
@@ -809,6 +530,7 @@ def register(sub) -> None:
 def cmd_bench(args) -> int:
     import json
 
+    from .bench_report import text_table, write_report
     from .cli import emit, load_model, memory_from, progress_for
     from .metrics import now
     from .store import Store, home
