@@ -1,19 +1,21 @@
-"""`streamchat bench`: the plain whole-video path and the streaming path, side by side, on the same synthetic frames.
+"""`streamchat bench`: streaming against the whole video, side by side, on the same synthetic frames.
 
 One process, one model, in this order: measure a matrix-product rate and a copy rate (the floors'
 denominators); warm the encode path (optional); stream every chunk, with the next chunk's frames made
-in a thread meanwhile, asking at the chosen frame counts; then the whole-video prefill + greedy on
-exactly the prompt of the last streaming question; then agreement and floors. Offline runs second,
-so its decode meets KV lengths that the last streaming question already built cuDNN graphs for: that
-bias favours offline.
+and preprocessed in a thread meanwhile, asking at the chosen frame counts and then `--questions` times
+at the full cache (percentiles); then two whole-video prefills + greedy on exactly the prompt of the
+last streaming question: the stock transformers path (`offline.answer_offline`: sdpa, a vision tower
+that loops over its windows in Python) and the same prompt on streaming's kernels
+(`bench_fair.answer_fair`), each warmed on a short prompt first; then agreement, a real-decoding row
+(decord on a generated clip) and floors. Host preprocessing is timed apart on every side, and the
+streaming tax (encode / GPU prefill) is given against both whole-video paths. The whole-video paths
+run second, so their decode meets KV lengths that the streaming questions already built cuDNN graphs
+for: that bias favours them.
 
-Floors are paper counts (`Costs`), each max(FLOPs / matmul rate, bytes / copy rate):
-  LLM, n new tokens over c cached:  2·P·n + 4·L·H·d·(n·c + n²/2)   P: linear weights of the decoder; causal
-  lm_head, one row:                 2·V·D
-  vision, per 2-frame temporal patch of N patches:  N·(2·P_vis + 4·D_vis·((depth − F)·min(W, N) + F·N))
-                                    F full-attention blocks see the pair's N patches, the rest windows of W
-  bytes read per LLM pass:          (P + V·D)·e + kv·c             weights once, then the KV cache
-The copy rate counts bytes read plus bytes written, so a pass that only reads X bytes takes X / rate.
+The comparison defaults to exact memory with a GPU KV budget of the model's context, so streaming is
+the whole-video computation; `--memory bounded` (or auto with a small budget) measures a policy instead.
+
+Floors are paper counts of FLOPs and bytes over measured rates (bench_floors.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .bench_floors import Costs, measure_rates
 
 QUESTION = "What is happening in the video?"
 WARMUP_WARMS = ("the engine's own warm-up (StreamEngine.warmup: one frame pair and a 3-token question on a throwaway "
@@ -46,6 +50,8 @@ class BenchSettings:
     offline: bool = True
     warmup: bool = True
     repeat_questions: bool = True  # a second ask at the same length shows what per-shape setup cost the first
+    questions: int = 20  # questions at the full cache, for TTFT and decode percentiles
+    decode_seconds: float = 10.0  # generated clip for the real-decoding row (0: skip it)
 
     def validate(self) -> BenchSettings:
         from .errors import UserError
@@ -60,6 +66,10 @@ class BenchSettings:
             raise UserError(f"--chunk-frames must be even and at least 2 (Qwen2.5-VL packs frames in pairs); got {self.chunk_frames}")
         if self.max_new_tokens < 1:
             raise UserError(f"--max-new-tokens must be at least 1; got {self.max_new_tokens}")
+        if self.questions < 0:
+            raise UserError(f"--questions must be 0 or more; got {self.questions}")
+        if not self.decode_seconds >= 0:
+            raise UserError(f"--decode-seconds must be 0 (skip) or more; got {self.decode_seconds:g}")
         bad = [a for a in self.questions_at if not 1 <= a <= self.frames]
         if bad:
             raise UserError(f"--questions-at {bad} is outside 1..{self.frames} frames")
@@ -131,109 +141,6 @@ def prefetch(video: SyntheticVideo, plan: list[tuple[int, int]], prep: Callable,
             yield item
     finally:
         stop.set()
-
-
-def _median_s(fn: Callable[[], object], device, warmup: int, reps: int) -> float:
-    """Median seconds of fn(): CUDA events on the GPU, the host clock on the CPU."""
-    import torch
-
-    from .metrics import now, sync
-
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = now()
-            fn()
-            times.append(now() - t0)
-    return statistics.median(times)
-
-
-def measure_rates(device, dtype) -> dict:
-    """Matrix-product FLOP/s in the run's dtype and copy bytes/s (read + write), measured now on this device."""
-    import torch
-
-    cuda = device.type == "cuda"
-    n = 8192 if cuda else 512
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    mm_s = _median_s(lambda: a @ b, device, warmup=3, reps=10 if cuda else 5)
-    nbytes = (1 << 30) if cuda else (64 << 20)  # far beyond L2 (50 MB on an H100)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    copy_s = _median_s(lambda: dst.copy_(src), device, warmup=2, reps=10 if cuda else 5)
-    del a, b, src, dst
-    _free(device)
-    return {"matmul_n": n, "matmul_flop_per_s": 2 * n**3 / mm_s, "copy_bytes": nbytes, "copy_bytes_per_s": 2 * nbytes / copy_s}
-
-
-@dataclass
-class Costs:
-    """Paper FLOP and byte counts of the model (formulas in the module docstring)."""
-
-    llm_linear_params: int
-    vision_params: int
-    vocab: int
-    hidden: int
-    layers: int
-    heads: int
-    head_dim: int
-    kv_bytes_per_token: int
-    vision_hidden: int
-    vision_depth: int
-    vision_full_blocks: int
-    window_patches: int
-    patch: int
-    elt: int
-
-    @classmethod
-    def of(cls, model, dtype) -> Costs:
-        import torch
-
-        from . import hf
-
-        tc, vc = hf.text_config(model), hf.vision_config(model)
-        linear = sum(m.weight.numel() for m in hf.language_model(model).modules() if isinstance(m, torch.nn.Linear))
-        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
-        elt = torch.empty((), dtype=dtype).element_size()
-        return cls(
-            llm_linear_params=linear,
-            vision_params=sum(p.numel() for p in hf.vision_tower(model).parameters()),
-            vocab=tc.vocab_size,
-            hidden=tc.hidden_size,
-            layers=tc.num_hidden_layers,
-            heads=tc.num_attention_heads,
-            head_dim=head_dim,
-            kv_bytes_per_token=2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * elt,
-            vision_hidden=vc.hidden_size,
-            vision_depth=vc.depth,
-            vision_full_blocks=sum(1 for i in getattr(vc, "fullatt_block_indexes", []) if i < vc.depth),
-            window_patches=(vc.window_size // vc.patch_size) ** 2,
-            patch=vc.patch_size,
-            elt=elt,
-        )
-
-    def llm_flops(self, new: int, context: int) -> float:
-        return 2 * self.llm_linear_params * new + 4 * self.layers * self.heads * self.head_dim * (new * context + new * new / 2)
-
-    def vision_flops(self, frames: int, height: int, width: int) -> float:
-        n = (height // self.patch) * (width // self.patch)  # patches per 2-frame temporal patch
-        attended = (self.vision_depth - self.vision_full_blocks) * min(self.window_patches, n) + self.vision_full_blocks * n
-        return math.ceil(frames / 2) * n * (2 * self.vision_params + 4 * self.vision_hidden * attended)
-
-    def pass_bytes(self, context: int) -> float:
-        return (self.llm_linear_params + self.vocab * self.hidden) * self.elt + self.kv_bytes_per_token * context
-
-    def floor_s(self, flops: float, nbytes: float, rates: dict) -> float:
-        return max(flops / rates["matmul_flop_per_s"], nbytes / rates["copy_bytes_per_s"])
 
 
 class BusySampler:
@@ -331,26 +238,56 @@ def _ask(engine, s: BenchSettings, costs: Costs, rates: dict):
     return row, answer
 
 
+def comparison_memory(loaded, gpu_kv_budget: str | None = None):
+    """The comparison's memory policy: exact, with a GPU KV budget that holds the whole video (the
+    model's context unless given). Bounded memory would make streaming a different computation from
+    the whole-video prefill, and the agreement meaningless."""
+    from . import hf
+    from .memory import MemoryConfig
+
+    budget = gpu_kv_budget or str(int(getattr(hf.text_config(loaded.model), "max_position_embeddings", 32768)))
+    return MemoryConfig(mode="exact", gpu_kv_budget=budget).validate()
+
+
+def _whole_video(fn, warm_prompt, warmup: bool, dev) -> tuple:
+    """(answer or None, figures) of one whole-video path; warmed on the first question's short prompt
+    first (as streaming is warmed on one frame pair); out of memory is reported, not raised."""
+    import torch
+
+    try:
+        if warmup:
+            fn(warm_prompt, 2)
+            _free(dev)
+        return fn(None, None)
+    except torch.OutOfMemoryError as exc:
+        _free(dev)
+        return None, {"ok": False, "error": "out of memory: " + str(exc).strip().splitlines()[0]}
+
+
 def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None = None, memory=None) -> dict:
-    """Streaming, then offline, on the same synthetic frames; every figure in one JSON-able dict."""
+    """Streaming, then the two whole-video paths, on the same synthetic frames; every figure in one JSON-able dict."""
+    import tempfile
+
     import torch
 
     from . import hf
+    from .bench_fair import answer_fair, decode_rate, device_memory, percentiles
+    from .bench_long import QUESTIONS
     from .compare import match
     from .config import SessionConfig
     from .engine import StreamEngine
     from .metrics import gpu_memory, now, reset_peak
-    from .offline import answer_offline
 
     s.validate()
     dev, cuda = loaded.device, loaded.device.type == "cuda"
     # The engine turns cuDNN SDPA off for the whole process (hf.use_stream_attention); the plain path
     # runs with what torch had before that, since that is what users of plain transformers get.
     cudnn_default = torch.backends.cuda.cudnn_sdp_enabled()
-    from .memory import MemoryConfig
+    _free(dev)
+    at_load = device_memory(dev)  # weights only: what the device holds beyond the allocator is the CUDA context
 
     config = SessionConfig(model=loaded.model_id, chunk_frames=s.chunk_frames, max_new_tokens=s.max_new_tokens,
-                           memory=memory or MemoryConfig()).validate()
+                           memory=memory or comparison_memory(loaded)).validate()
     video, plan = SyntheticVideo(s.width, s.height, s.frames), chunk_plan(s.frames, s.chunk_frames)
     rates, costs = measure_rates(dev, loaded.dtype), Costs.of(loaded.model, loaded.dtype)
     first_frames = video.chunk(*plan[0])[0]
@@ -361,7 +298,6 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
         StreamEngine(loaded, config, s.fps).warmup(first_frames)
         warmup_s = now() - t0
         _free(dev)
-    prep_s = _median_s(lambda: hf.video_pixels(loaded.processor, first_frames), torch.device("cpu"), warmup=1, reps=3)
 
     # --- streaming ---
     engine = StreamEngine(loaded, config, s.fps)
@@ -373,12 +309,20 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
     t0 = now()
     budget = engine.plan(s.frames, s.height, s.width)  # as Stream does at load: the cache sized, graphs captured
     plan_cache_s = now() - t0
+    prep_times: list[float] = []
+
+    def timed_prep(frames):  # the engine's host preprocessing, run ahead in the frame thread
+        t = now()
+        out = engine.preprocess(frames)
+        prep_times.append(now() - t)
+        return out
+
     sampler = BusySampler(dev)
     chunks, questions, answers = [], [], []
     wall = wait = 0.0
-    encode_peak, steady = 0, 0
+    encode_peak, steady, reserved_peak = 0, 0, 0
     mem_samples = [weights_mem]  # for the per-device figures with several GPUs
-    frames_iter = prefetch(video, plan, engine.preprocess)
+    frames_iter = prefetch(video, plan, timed_prep)
     try:
         for i in range(len(plan)):
             sampler.active = True
@@ -391,6 +335,7 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
             wait += got - t0
             sampler.active = False
             encode_peak = max(encode_peak, st.memory["peak_bytes"])
+            reserved_peak = max(reserved_peak, device_memory(dev)["max_reserved_bytes"] or 0)
             steady = st.memory["allocated_bytes"]  # weights + cache, between chunks
             mem_samples.append(st.memory)
             chunks.append({
@@ -410,52 +355,84 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
                 questions.append(row)
                 answers.append(answer)
                 mem_samples.append(gpu_memory(loaded.devices))  # the question's peak
+                reserved_peak = max(reserved_peak, device_memory(dev)["max_reserved_bytes"] or 0)
                 reset_peak(loaded.devices)  # chunk peaks stay encode-only
     finally:
         busy = sampler.close()
         frames_iter.close()
+    # percentiles at the full cache: questions of different lengths (different question buckets), each rolled back
+    ttfts, decodes = [], []
+    for k in range(s.questions):
+        a = engine.ask(QUESTIONS[k % len(QUESTIONS)], max_new_tokens=s.max_new_tokens)
+        ttfts.append(a.ttft_s * 1000)
+        if _decode_ms(a) is not None:
+            decodes.append(_decode_ms(a))
+    reserved_peak = max(reserved_peak, device_memory(dev)["max_reserved_bytes"] or 0)
+    streaming_memory = device_memory(dev)
     encode_s = sum(c["encode_ms"] for c in chunks) / 1000
     vision_s = sum(c["vision_ms"] for c in chunks) / 1000
     cache_tokens, cache_bytes = chunks[-1]["cache_after"], chunks[-1]["cache_bytes"]
     del engine
     _free(dev)
 
-    # --- offline: exactly the prompt the last streaming question saw ---
-    last, offline, o_ans = answers[-1], None, None
+    # --- the whole-video paths: exactly the prompt the last streaming question saw ---
+    last, warm_prompt = answers[-1], answers[0].prompt
+    offline = fair = agreement = agreement_fair = None
     if s.offline:
-        from .engine import VideoSeg
+        from .layout import VideoSeg
+        from .offline import answer_offline
 
-        videos = [video.read(seg.frames) for seg in last.prompt if isinstance(seg, VideoSeg)]
+        clips = [video.read(seg.frames) for seg in last.prompt if isinstance(seg, VideoSeg)]
         t0 = now()
-        for frames in videos:
+        for frames in clips:
             hf.video_pixels(loaded.processor, frames)  # the host patchify answer_offline does inside its prefill
         offline_prep_s = now() - t0
-        del videos
+        del clips
+
+        def stock(prompt, new):
+            reset_peak(dev)
+            ans = answer_offline(loaded, prompt or last.prompt, video.read, s.fps, QUESTION, new or s.max_new_tokens, vocab)
+            return ans, {
+                "ok": True, "error": None, "prompt_tokens": ans.cache_tokens, "prefill_s": round(ans.prefill_s, 6),
+                "preprocess_s": round(offline_prep_s, 6), "gpu_prefill_s": round(max(ans.prefill_s - offline_prep_s, 0.0), 6),
+                "ttft_s": round(ans.ttft_s, 6), "decode_ms_per_token": _decode_ms(ans), "new_tokens": ans.new_tokens,
+                "peak_bytes": _mem(dev, ans.peak_bytes), "max_reserved_bytes": device_memory(dev)["max_reserved_bytes"],
+            }
+
+        def fast(prompt, new):
+            ans, figures = answer_fair(loaded, prompt or last.prompt, video.read, s.fps, QUESTION, new or s.max_new_tokens, vocab)
+            return ans, {"ok": True, "error": None, **figures}
+
         cudnn_streaming = torch.backends.cuda.cudnn_sdp_enabled()
         torch.backends.cuda.enable_cudnn_sdp(cudnn_default)
         try:
-            o_ans = answer_offline(loaded, last.prompt, video.read, s.fps, QUESTION, s.max_new_tokens, vocab)
-            offline = {
-                "ok": True, "error": None, "prompt_tokens": o_ans.cache_tokens, "prefill_s": round(o_ans.prefill_s, 6),
-                "ttft_s": round(o_ans.ttft_s, 6), "decode_ms_per_token": _decode_ms(o_ans), "new_tokens": o_ans.new_tokens,
-                "peak_bytes": _mem(dev, o_ans.peak_bytes),
-                "preprocess_s": round(offline_prep_s, 6), "cudnn_sdp": bool(cuda and cudnn_default),
-            }
-        except torch.OutOfMemoryError as exc:
-            o_ans = None
-            _free(dev)
-            offline = {"ok": False, "error": "out of memory: " + str(exc).strip().splitlines()[0], "cudnn_sdp": bool(cuda and cudnn_default)}
+            o_ans, offline = _whole_video(stock, warm_prompt, s.warmup, dev)
         finally:
             torch.backends.cuda.enable_cudnn_sdp(cudnn_streaming)
-    agreement = None
-    if o_ans is not None:
-        agreement = {**match(last, o_ans), "frames": last.frames_seen, "tokens": min(len(last.token_ids), len(o_ans.token_ids))}
+        offline["cudnn_sdp"] = bool(cuda and cudnn_default)
+        _free(dev)
+        f_ans, fair = _whole_video(fast, warm_prompt, s.warmup, dev)
+        _free(dev)
+        if o_ans is not None:
+            agreement = {**match(last, o_ans), "frames": last.frames_seen, "tokens": min(len(last.token_ids), len(o_ans.token_ids))}
+        if f_ans is not None:
+            agreement_fair = {**match(last, f_ans), "frames": last.frames_seen, "tokens": min(len(last.token_ids), len(f_ans.token_ids))}
+
+    decoding = None
+    if s.decode_seconds > 0:
+        with tempfile.TemporaryDirectory(prefix="streamchat-bench-") as tmp:
+            decoding = decode_rate(s.width, s.height, s.fps, s.decode_seconds, s.chunk_frames, Path(tmp))
+        decoding["stream_frames_per_s"] = round(s.frames / encode_s, 3)
+        decoding["keeps_up_with_stream"] = decoding["sampled_frames_per_s"] >= decoding["stream_frames_per_s"]
+        decoding["keeps_up_with_realtime"] = decoding["sampled_frames_per_s"] >= s.fps
 
     whole = last.cache_tokens + questions[-1]["question_tokens"]
     prefill_floor = costs.floor_s(costs.vision_flops(sum(c["encoded_frames"] for c in chunks), s.height, s.width)
                                   + costs.llm_flops(whole, 0) + 2 * costs.vocab * costs.hidden, costs.pass_bytes(whole), rates)
     encode_floor = sum(c["floor_ms"] for c in chunks) / 1000
-    prefill = offline["prefill_s"] if offline and offline["ok"] else None
+    stock_gpu = offline["gpu_prefill_s"] if offline and offline["ok"] else None
+    fair_prefill = fair["prefill_s"] if fair and fair["ok"] else None
+    prep_s = sum(prep_times)
     return {
         "config": {
             "model": loaded.model_id, "device": str(dev), "devices": [str(d) for d in loaded.devices],
@@ -463,139 +440,48 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
             "dtype": str(loaded.dtype).replace("torch.", ""), **asdict(s), "question": QUESTION, "history": config.history,
             "torch": torch.__version__, "transformers": hf.transformers_version(),
             "cudnn_sdp_streaming": bool(cuda and torch.backends.cuda.cudnn_sdp_enabled()),
-            "memory": budget.to_json(),
+            "memory": budget.to_json(), "memory_config": config.memory.to_dict(),
         },
         "warmup": {"ran": s.warmup, "s": None if warmup_s is None else round(warmup_s, 6), "warms": WARMUP_WARMS if s.warmup else None,
-                   "plan_cache_s": round(plan_cache_s, 6)},
+                   "plan_cache_s": round(plan_cache_s, 6),
+                   "whole_video": "each whole-video path ran once on the first question's prompt before its timed run" if s.warmup else None},
         "rates": rates,
         "costs": asdict(costs),
+        "memory": {
+            "at_load": at_load, "after_streaming": streaming_memory,
+            "cuda_context_bytes": at_load["outside_allocator_bytes"],  # device use beyond torch's allocator, weights loaded, nothing run
+        },
         "streaming": {
             "chunks": chunks, "n_chunks": len(chunks), "frames": s.frames,
             "encode_s": round(encode_s, 6), "vision_s": round(vision_s, 6), "append_s": round(encode_s - vision_s, 6),
             "wall_s": round(wall, 6), "frame_wait_s": round(wait, 6),
             "frames_per_s": round(s.frames / encode_s, 3), "wall_frames_per_s": round(s.frames / wall, 3),
-            "streaming_tax": round(encode_s / prefill, 3) if prefill else None,
+            "streaming_tax_stock": round(encode_s / stock_gpu, 3) if stock_gpu else None,
+            "streaming_tax_fair": round(encode_s / fair_prefill, 3) if fair_prefill else None,
             "gpu_busy_pct": busy, "gpu_busy_source": sampler.source,
-            "preprocess_ms_per_chunk": round(prep_s * 1000, 3), "preprocess_pct_of_wall": round(100 * prep_s * len(plan) / wall, 2),
+            "preprocess_s": round(prep_s, 6), "preprocess_ms_per_chunk": round(prep_s / len(plan) * 1000, 3),
+            "preprocess_pct_of_wall": round(100 * prep_s / wall, 2),
             "weights_bytes": _mem(dev, weights_bytes), "encode_peak_bytes": _mem(dev, encode_peak),
             "peak_bytes": _mem(dev, max([encode_peak] + [q["peak_bytes"] or 0 for q in questions])),
+            "max_reserved_bytes": _mem(dev, reserved_peak),
             "steady_bytes": _mem(dev, steady), "cache_tokens": cache_tokens, "cache_bytes": cache_bytes,
             "cache_bytes_per_token": round(cache_bytes / cache_tokens, 1),
             "devices": per_device_memory(mem_samples),
         },
         "questions": questions,
+        "full_cache_questions": {"n": s.questions, "cache_tokens": cache_tokens, "ttft_ms": percentiles(ttfts),
+                                 "decode_ms_per_token": percentiles(decodes)},
         "offline": offline,
+        "fair": fair,
         "agreement": agreement,
+        "agreement_fair": agreement_fair,
+        "decoding": decoding,
         "floors": {
             "encode_s": round(encode_floor, 6), "encode_frames_per_s": round(s.frames / encode_floor, 3),
             "offline_prefill_s": round(prefill_floor, 6),
             "ttft_ms": questions[-1]["floor_ttft_ms"], "decode_ms_per_token": questions[-1]["floor_decode_ms_per_token"],
         },
     }
-
-
-# --- the table and the report ----------------------------------------------------------------------
-
-
-def _f(x, fmt: str = ".1f", unit: str = "") -> str:
-    return "—" if x is None else f"{x:{fmt}}{unit}"
-
-
-def _gib(x) -> str:
-    return _f(None if x is None else x / 2**30, ".2f", " GiB")
-
-
-def _grid(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    return ["  " + "  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows]]
-
-
-def text_table(r: dict) -> str:
-    c, st, of, ag, fl, ra = r["config"], r["streaming"], r["offline"], r["agreement"], r["floors"], r["rates"]
-    out = [
-        f"streamchat bench — {c['model']} on {c['device']} ({c['device_name']}), {c['dtype']}"
-        + (f"; layers spread over {', '.join(c['devices'])}" if len(c.get("devices") or []) > 1 else ""),
-        f"  {c['frames']} synthetic frames of {c['width']}x{c['height']}, chunks of {c['chunk_frames']}, positions at "
-        f"{c['fps']:g} fps, {c['max_new_tokens']} new tokens; cuDNN SDPA {'on' if c['cudnn_sdp_streaming'] else 'off'} for streaming"
-        + (f", {'on' if of['cudnn_sdp'] else 'off'} for offline (torch's setting before the engine ran)" if of else ""),
-        f"  warmup: {r['warmup']['warms'] + ' (' + _f(r['warmup']['s'], '.2f', ' s') + ')' if r['warmup']['ran'] else 'off'}",
-        f"  memory: {c['memory']['mode']}" + (f" (working set {c['memory']['working_tokens']:,} tokens: streaming is not the whole-video "
-        f"computation, so the agreement below measures the policy; --memory exact for the exact engine)" if c['memory']['mode'] == 'bounded' else ""),
-        f"  cache sized for the whole video and question graphs captured before the first chunk "
-        f"(StreamEngine.plan_cache, as at load): {_f(r['warmup'].get('plan_cache_s'), '.2f', ' s')}",
-        "",
-        "Offline (whole video: one prefill, then greedy)",
-    ]
-    if of is None:
-        out.append("  not run (--no-offline)")
-    elif not of["ok"]:
-        out.append(f"  failed: {of['error']}")
-    else:
-        out.append(f"  {of['prompt_tokens']} tokens: prefill {of['prefill_s']:.3f} s (host preprocessing {of['preprocess_s']:.2f} s of it), "
-                   f"TTFT {of['ttft_s']:.3f} s, decode {_f(of['decode_ms_per_token'], '.1f', ' ms/token')}, peak {_gib(of['peak_bytes'])}")
-    step = max(1, len(st["chunks"]) // 12)
-    shown = [ch for ch in st["chunks"] if ch["chunk"] % step == 0 or ch["chunk"] == st["n_chunks"] - 1]
-    out += ["", "Streaming, per chunk" + (f" (every {step}th and the last)" if step > 1 else "")]
-    out += _grid(["chunk", "frames", "cache before", "vision ms", "append ms", "total ms", "frames/s", "floor ms"],
-                 [[str(ch["chunk"]), str(ch["frames"]), str(ch["cache_before"]), _f(ch["vision_ms"]), _f(ch["append_ms"]),
-                   _f(ch["encode_ms"]), _f(ch["frames_per_s"], ".2f"), _f(ch["floor_ms"], ".2f")] for ch in shown])
-    busy = _f(st["gpu_busy_pct"], ".0f", "% of encode wall") + f" ({st['gpu_busy_source']})"
-    out += [
-        "",
-        "Streaming totals",
-        f"  encode {st['encode_s']:.3f} s (vision + preprocessing {st['vision_s']:.3f}, LLM append {st['append_s']:.3f}) = "
-        f"{st['frames_per_s']:.2f} frames/s; wall {st['wall_s']:.3f} s, {st['frame_wait_s'] * 1000:.1f} ms of it waiting for frames",
-        f"  streaming tax {_f(st['streaming_tax'], '.2f', 'x')} (streaming encode / whole-video prefill)",
-        f"  GPU busy {busy}; host preprocessing {st['preprocess_ms_per_chunk']:.1f} ms/chunk "
-        f"({st['preprocess_pct_of_wall']:.1f}% of wall) runs ahead in the frame thread, off the GPU's path",
-        f"  memory: weights {_gib(st['weights_bytes'])}, peak {_gib(st['peak_bytes'])} (encode {_gib(st['encode_peak_bytes'])}), "
-        f"steady {_gib(st['steady_bytes'])}; cache {_gib(st['cache_bytes'])} = {st['cache_tokens']} tokens x {st['cache_bytes_per_token']:.0f} B",
-        *[f"    {d}: weights {_gib(m['weights_bytes'])}, steady {_gib(m['steady_bytes'])}, peak {_gib(m['peak_bytes'])}"
-          for d, m in (st.get("devices") or {}).items()],
-        "",
-        "Questions (each rolled back; 'again' = the same question at the same length straight after)",
-    ]
-    out += _grid(["frames", "cache tokens", "TTFT ms", "again", "floor", "decode ms/tok", "again", "floor"],
-                 [[str(q["frames"]) + (" *" if q["first_of_process"] else ""), str(q["cache_tokens"]), _f(q["ttft_ms"]),
-                   _f(q.get("ttft_ms_again")), _f(q["floor_ttft_ms"], ".2f"), _f(q["decode_ms_per_token"], ".2f"),
-                   _f(q.get("decode_ms_per_token_again"), ".2f"), _f(q["floor_decode_ms_per_token"], ".2f")] for q in r["questions"]])
-    if any(q["first_of_process"] for q in r["questions"]):
-        out.append("  * the process's first question")
-    out += ["", "Agreement (last streaming question vs offline, same prompt and frames)"]
-    if ag is None:
-        out.append("  — (no offline answer)")
-    else:
-        out.append(f"  tokens identical: {'yes' if ag['identical'] else 'no'}, first divergence {_f(ag['first_divergence'], 'd')}, "
-                   f"max first-step logit diff {_f(ag['max_logit_diff'], '.3g')}")
-        if ag.get("margin_at_divergence") is not None:
-            out.append(f"  where they part, offline's top two logits were {ag['margin_at_divergence']:.3g} apart "
-                       "(a gap under the logit differences above is a rounding call, not a different computation)")
-    out += [
-        "",
-        f"Floors (measured now: {ra['matmul_n']}³ matmul {ra['matmul_flop_per_s'] / 1e12:.1f} TFLOP/s, "
-        f"copy {ra['copy_bytes_per_s'] / 1e9:.0f} GB/s read+write)",
-    ]
-    last = r["questions"][-1]
-    out += _grid(["", "measured", "floor"], [
-        ["streaming encode frames/s", _f(st["frames_per_s"], ".2f"), _f(fl["encode_frames_per_s"], ".2f")],
-        ["offline prefill s", _f(of["prefill_s"] if of and of["ok"] else None, ".3f"), _f(fl["offline_prefill_s"], ".3f")],
-        [f"TTFT ms at {last['cache_tokens']} tokens", _f(last["ttft_ms"]), _f(fl["ttft_ms"], ".2f")],
-        ["decode ms/token there", _f(last["decode_ms_per_token"], ".2f"), _f(fl["decode_ms_per_token"], ".2f")],
-    ])
-    return "\n".join(out)
-
-
-def write_report(r: dict, path: Path) -> list[Path]:
-    """Markdown at `path` with the table, and two PNG charts beside it."""
-    from .plots import encode_plot, ttft_plot
-
-    encode_png = encode_plot([(c["cache_after"], c["encode_ms"]) for c in r["streaming"]["chunks"]], path.with_name(path.stem + "-encode.png"))
-    ttft_png = ttft_plot([(q["cache_tokens"], q["ttft_ms"]) for q in r["questions"]], path.with_name(path.stem + "-ttft.png"))
-    path.write_text(
-        f"# streamchat bench\n\n```text\n{text_table(r)}\n```\n\n"
-        f"![encode time per chunk against cache length]({encode_png.name})\n\n![TTFT against cache size]({ttft_png.name})\n"
-    )
-    return [path, encode_png, ttft_png]
 
 
 # --- command line ---------------------------------------------------------------------------------
@@ -633,6 +519,11 @@ def register(sub) -> None:
     p.add_argument("--warmup", dest="warmup", action="store_true", default=True, help=f"before timing, warm {WARMUP_WARMS} (default: on)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="time the first chunk cold (default: off)")
     p.add_argument("--no-repeat-questions", dest="repeat_questions", action="store_false", default=True, help="ask each question once, not twice (default: twice)")
+    p.add_argument("--questions", type=int, default=d.questions, help=f"questions of different lengths asked at the full cache, "
+                   f"each rolled back, for TTFT and decode percentiles (default: {d.questions})")
+    p.add_argument("--decode-seconds", type=float, default=d.decode_seconds, help="length of the generated H.264 clip (30 fps, "
+                   "recorded at the frame size before the model's resize: 1280x720 for 1288x728) whose real decoding rate through "
+                   f"decord is set against the rate the stream needs; 0 skips it (default: {d.decode_seconds:g})")
     p.add_argument("--minutes", type=float, default=None, help="stream this many minutes of synthetic frames at --fps under "
                    "the memory policy, with per-minute rows (encode rate, GPU/host/disk KV, TTFT, retrieval, decode) instead of "
                    "the comparison with the whole-video path (default: off); sizes default to 448x448 there")
@@ -641,6 +532,17 @@ def register(sub) -> None:
     from .cli import add_memory_options
 
     add_memory_options(p)
+    # the comparison needs streaming to be the whole-video computation: exact memory with a budget
+    # that holds the video, unless asked otherwise (None below); --minutes keeps the stream's defaults
+    for flag, mode_help in (
+        ("--memory", "(default: exact for the comparison with the whole-video path, so both sides compute the same "
+                     "thing; auto with --minutes)"),
+        ("--gpu-kv-budget", "(default: the model's context for the comparison, so exact memory holds the whole video; "
+                            "65536 tokens with --minutes)"),
+    ):
+        action = p._option_string_actions[flag]
+        action.default = None
+        action.help = action.help[: action.help.rindex("(default:")] + mode_help
     p.add_argument("--out", default=None, help="where to write the JSON (default: $STREAMCHAT_HOME/bench-<UTC time>.json)")
     p.add_argument("--report", default=None, help="also write Markdown here, with PNG charts beside it (default: none)")
     add_output_options(p)
@@ -650,6 +552,7 @@ def register(sub) -> None:
 def cmd_bench(args) -> int:
     import json
 
+    from .bench_report import text_table, write_report
     from .cli import emit, load_model, memory_from, progress_for
     from .metrics import now
     from .store import Store, home
@@ -660,13 +563,19 @@ def cmd_bench(args) -> int:
     settings = BenchSettings(
         width=args.width or BenchSettings.width, height=args.height or BenchSettings.height, frames=args.frames, chunk_frames=args.chunk_frames, fps=args.fps,
         questions_at=args.questions_at, max_new_tokens=args.max_new_tokens, offline=args.offline, warmup=args.warmup,
-        repeat_questions=args.repeat_questions,
+        repeat_questions=args.repeat_questions, questions=args.questions, decode_seconds=args.decode_seconds,
     ).validate()
+    if args.memory not in (None, "exact") or args.gpu_kv_budget is not None:
+        memory_from(_with_stream_defaults(args))  # a bad size is refused before the model loads
     t0 = now()
     loaded = load_model(args)
     load_s = now() - t0
     bar = progress_for(args, settings.frames, "streaming")
-    report = run_bench(loaded, settings, on_chunk=bar.update, memory=memory_from(args))
+    if args.memory is None or args.memory == "exact":
+        memory = comparison_memory(loaded, args.gpu_kv_budget)
+    else:
+        memory = memory_from(_with_stream_defaults(args))
+    report = run_bench(loaded, settings, on_chunk=bar.update, memory=memory)
     bar.close()
     report["load_s"] = round(load_s, 3)
     out = Path(args.out) if args.out else home() / f"bench-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
@@ -679,6 +588,14 @@ def cmd_bench(args) -> int:
         write_report(report, Path(args.report))
     emit(args, report, text_table(report) + f"\n\nJSON: {out}")
     return 0
+
+
+def _with_stream_defaults(args):
+    """args with --memory / --gpu-kv-budget left unset filled in with the stream's own defaults."""
+    from .memory import MemoryConfig
+
+    d = MemoryConfig()
+    return argparse.Namespace(**{**vars(args), "memory": args.memory or d.mode, "gpu_kv_budget": args.gpu_kv_budget or d.gpu_kv_budget})
 
 
 def _cmd_bench_long(args) -> int:
@@ -699,7 +616,7 @@ def _cmd_bench_long(args) -> int:
         raise UserError(f"--minutes {args.minutes:g} gives {s.frames} frames at {s.fps:g} fps; stream at least one chunk")
     if s.questions_per_minute < 0 or s.final_questions < 1:
         raise UserError("--questions-per-minute must be 0 or more and --final-questions at least 1")
-    memory = memory_from(args)
+    memory = memory_from(_with_stream_defaults(args))
     loaded = load_model(args)
     bar = progress_for(args, s.frames, "streaming")
     report = bench_long.run_long(loaded, s, memory, on_chunk=bar.update)

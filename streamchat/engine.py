@@ -608,7 +608,7 @@ class StreamEngine:
                 sync(self.loaded.devices)
                 retrieval_s = now() - t0
             logits, _ = self._prefill(feed, self.cursor)
-            first_logits = logits.detach().cpu()
+            first_logits = logits.detach().to("cpu", copy=True)  # a copy: on the CPU the prefill returns its reused buffer
             decoder = hf.static_decoder(self.model, self.cache.hf, self.cache.graphs) if self.config.static_decode else None
             gen, stamps = greedy_decode(self.model, self.cache.hf, self.cursor, logits, max_new, self.vocab.eos, on_token, decoder)
             sync(self.loaded.devices)

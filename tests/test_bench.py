@@ -11,7 +11,8 @@ from streamchat.cli import main
 from streamchat.errors import UserError
 from streamchat.store import Store
 
-SMALL = ["bench", "--model", "tiny-random", "--device", "cpu", "--width", "112", "--height", "112", "--frames", "16", "--chunk-frames", "4"]
+SMALL = ["bench", "--model", "tiny-random", "--device", "cpu", "--width", "112", "--height", "112", "--frames", "16", "--chunk-frames", "4",
+         "--decode-seconds", "0"]
 
 
 @pytest.fixture
@@ -20,31 +21,50 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_bench_reports_streaming_offline_agreement_and_floors(home, capsys):
-    assert main([*SMALL, "--report", str(home / "bench.md"), "--json"]) == 0
+def test_bench_reports_streaming_both_whole_video_paths_agreement_and_floors(home, capsys):
+    assert main([*SMALL, "--decode-seconds", "2", "--report", str(home / "bench.md"), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
 
-    assert {"config", "warmup", "rates", "costs", "streaming", "questions", "offline", "agreement", "floors", "load_s", "run_id"} <= set(r)
+    assert {"config", "warmup", "rates", "costs", "memory", "streaming", "questions", "full_cache_questions", "offline", "fair",
+            "agreement", "agreement_fair", "decoding", "floors", "load_s", "run_id"} <= set(r)
+    # the comparison's default memory: exact, with a budget that holds the video (tiny-random's context)
+    assert r["config"]["memory"]["mode"] == "exact" and r["config"]["memory"]["gpu_tokens"] == 32768
     st = r["streaming"]
     assert st["n_chunks"] == 4 and [c["frames"] for c in st["chunks"]] == [4, 8, 12, 16]
     assert [c["cache_before"] for c in st["chunks"][1:]] == [c["cache_after"] for c in st["chunks"][:-1]]
-    for key in ("encode_s", "vision_s", "wall_s", "frames_per_s", "streaming_tax", "cache_bytes", "preprocess_ms_per_chunk"):
+    for key in ("encode_s", "vision_s", "wall_s", "frames_per_s", "streaming_tax_stock", "streaming_tax_fair", "cache_bytes",
+                "preprocess_s", "preprocess_ms_per_chunk"):
         assert st[key] > 0, key
+    assert st["preprocess_ms_per_chunk"] == pytest.approx(st["preprocess_s"] * 1000 / 4, abs=1e-3)
     # tiny-random: 112 px -> 4x4 merged tokens per frame pair, 8 pairs, 36,864 B/token's small cousin
     assert st["cache_bytes"] == st["cache_tokens"] * r["costs"]["kv_bytes_per_token"]
-    assert st["gpu_busy_pct"] is None and st["peak_bytes"] is None  # no CUDA: reported as unknown, not 0
+    assert st["gpu_busy_pct"] is None and st["peak_bytes"] is None and st["max_reserved_bytes"] is None  # no CUDA: unknown, not 0
+    assert r["memory"]["cuda_context_bytes"] is None
 
     assert [q["frames"] for q in r["questions"]] == [4, 8, 16]  # first chunk, 1/4 (= first chunk), 1/2, all
     assert [q["first_of_process"] for q in r["questions"]] == [True, False, False]
     for q in r["questions"]:
         assert q["ttft_ms"] > 0 and q["ttft_ms_again"] > 0 and q["floor_ttft_ms"] > 0 and q["again_identical"]
     assert r["questions"][-1]["cache_tokens"] == st["cache_tokens"]
+    fq = r["full_cache_questions"]
+    assert fq["n"] == 20 and fq["cache_tokens"] == st["cache_tokens"] and fq["ttft_ms"]["n"] == 20
+    assert 0 < fq["ttft_ms"]["p50"] <= fq["ttft_ms"]["p90"] <= fq["ttft_ms"]["p99"] <= fq["ttft_ms"]["max"]
+    assert fq["decode_ms_per_token"]["n"] >= 1
 
-    of = r["offline"]
-    assert of["ok"] and of["prefill_s"] > 0 and of["ttft_s"] >= of["prefill_s"]
-    assert of["prompt_tokens"] == st["cache_tokens"] + r["questions"][-1]["question_tokens"]
-    assert r["agreement"]["identical"] and r["agreement"]["first_divergence"] is None  # float32 on the CPU
-    assert r["agreement"]["max_logit_diff"] <= 1e-4
+    of, fa = r["offline"], r["fair"]
+    assert of["ok"] and of["prefill_s"] > 0 and of["ttft_s"] >= of["prefill_s"] and of["preprocess_s"] > 0
+    assert of["gpu_prefill_s"] == pytest.approx(of["prefill_s"] - of["preprocess_s"], abs=2e-6)
+    assert of["prompt_tokens"] == st["cache_tokens"] + r["questions"][-1]["question_tokens"] == fa["prompt_tokens"]
+    assert fa["ok"] and fa["prefill_s"] > 0 and fa["preprocess_s"] > 0 and 0 < fa["vision_s"] <= fa["prefill_s"] <= fa["ttft_s"]
+    assert st["streaming_tax_stock"] == pytest.approx(st["encode_s"] / of["gpu_prefill_s"], rel=1e-2)
+    assert st["streaming_tax_fair"] == pytest.approx(st["encode_s"] / fa["prefill_s"], rel=1e-2)
+    for ag in (r["agreement"], r["agreement_fair"]):  # float32 on the CPU: the same computation three ways
+        assert ag["identical"] and ag["first_divergence"] is None and ag["max_logit_diff"] <= 1e-4
+
+    dec = r["decoding"]
+    assert dec["sampled_frames"] == 4 and dec["native_frames_decoded"] == 46  # 2 s at 30 fps sampled at 2 fps: frames 0, 15, 30, 45
+    assert dec["resized_to"] == "112x112" and dec["sampled_frames_per_s"] > 0
+    assert dec["keeps_up_with_stream"] == (dec["sampled_frames_per_s"] >= dec["stream_frames_per_s"])
 
     assert r["rates"]["matmul_flop_per_s"] > 0 and r["rates"]["copy_bytes_per_s"] > 0
     assert all(r["floors"][k] > 0 for k in ("encode_s", "encode_frames_per_s", "offline_prefill_s", "ttft_ms", "decode_ms_per_token"))
@@ -53,15 +73,41 @@ def test_bench_reports_streaming_offline_agreement_and_floors(home, capsys):
     assert len(runs) == 1 and runs[0]["id"] == r["run_id"] and runs[0]["report"]["streaming"]["cache_tokens"] == st["cache_tokens"]
     saved = json.loads((home / r["json_path"]).read_text())
     assert saved["agreement"] == r["agreement"]
-    assert (home / "bench.md").read_text().count("![") == 2
+    text = (home / "bench.md").read_text()
+    assert text.count("![") == 2
+    for line in ("Whole video, stock transformers", "Whole video on streaming's kernels", "vision tower + pixel upload",
+                 "host preprocessing (normalise, patchify, pin)", "against the whole video on streaming's kernels",
+                 "20 questions of different lengths: TTFT ms p50", "Real decoding (decord", "max reserved", "CUDA context"):
+        assert line in text, line
+    assert "vision + preprocessing" not in text
     assert (home / "bench-encode.png").stat().st_size > 0 and (home / "bench-ttft.png").stat().st_size > 0
 
 
+def test_bench_help_says_the_comparison_defaults_to_exact_memory(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: exact for the comparison" in text and "auto with --minutes" in text
+    assert "default: the model's context for the comparison" in text
+    assert "--questions QUESTIONS" in text and "(default: 20)" in text and "--decode-seconds" in text
+
+
+def test_bench_memory_policy_can_still_be_bounded_and_says_so(home, capsys):
+    argv = [*SMALL, "--no-offline", "--no-warmup", "--no-repeat-questions", "--questions", "0", "--frames", "80", "--memory", "auto", "--gpu-kv-budget", "600"]
+    assert main(argv) == 0
+    assert "the agreement below measures the policy" in capsys.readouterr().out
+    assert Store().runs(kind="bench")[0]["report"]["config"]["memory"]["mode"] == "bounded"
+    assert main([*SMALL, "--gpu-kv-budget", "lots"]) == 2
+    assert "--gpu-kv-budget 'lots' is not a size" in capsys.readouterr().err
+
+
 def test_bench_table_has_every_section_and_odd_frames_pad_the_last_chunk(home, capsys):
-    argv = [*SMALL, "--frames", "6", "--no-offline", "--no-warmup", "--no-repeat-questions", "--questions-at", "2"]
+    argv = [*SMALL, "--frames", "6", "--no-offline", "--no-warmup", "--no-repeat-questions", "--questions-at", "2", "--questions", "2"]
     assert main(argv) == 0
     text = capsys.readouterr().out
-    for section in ("Offline", "Streaming, per chunk", "Streaming totals", "Questions", "Agreement", "Floors", "GPU busy"):
+    for section in ("Whole video, stock", "Whole video on streaming's kernels", "Streaming, per chunk", "Streaming totals", "Questions",
+                    "Agreement", "Floors", "GPU busy"):
         assert section in text, section
     assert "not run (--no-offline)" in text
     run = Store().runs(kind="bench")[0]["report"]
@@ -101,10 +147,13 @@ def test_bench_reports_offline_out_of_memory_instead_of_failing(home, capsys, mo
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr("streamchat.offline.answer_offline", out_of_memory)
-    assert main([*SMALL, "--no-warmup", "--no-repeat-questions", "--json"]) == 0
+    monkeypatch.setattr("streamchat.bench_fair.answer_fair", out_of_memory)
+    assert main([*SMALL, "--no-warmup", "--no-repeat-questions", "--questions", "1", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
-    assert r["offline"] == {"ok": False, "error": "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB", "cudnn_sdp": False}
-    assert r["agreement"] is None and r["streaming"]["streaming_tax"] is None
+    oom = "out of memory: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert r["offline"] == {"ok": False, "error": oom, "cudnn_sdp": False} and r["fair"] == {"ok": False, "error": oom}
+    assert r["agreement"] is None and r["agreement_fair"] is None
+    assert r["streaming"]["streaming_tax_stock"] is None and r["streaming"]["streaming_tax_fair"] is None
     assert r["streaming"]["frames_per_s"] > 0 and r["floors"]["offline_prefill_s"] > 0
 
 
@@ -125,3 +174,39 @@ def test_bench_minutes_streams_under_the_memory_policy_minute_by_minute(home, ca
     assert (tmp_path / "long-minutes.png").stat().st_size > 10_000 and "long-minutes.png" in report.read_text()
     with Store() as store:
         assert [row["kind"] for row in store.runs()] == ["bench-long"]
+
+
+def test_the_streaming_cache_is_gone_before_the_whole_video_paths_run(home, capsys, monkeypatch):
+    """Their peak memory and out-of-memory headroom must not include the streaming engine's cache."""
+    import gc
+
+    import streamchat.bench_fair
+    import streamchat.offline
+    from streamchat.engine import StreamEngine
+
+    alive = []
+    real_offline, real_fair = streamchat.offline.answer_offline, streamchat.bench_fair.answer_fair
+
+    def engines() -> int:
+        return sum(type(o) is StreamEngine for o in gc.get_objects())
+
+    def offline(*args, **kwargs):
+        alive.append(engines())
+        return real_offline(*args, **kwargs)
+
+    def fair(*args, **kwargs):
+        alive.append(engines())
+        return real_fair(*args, **kwargs)
+
+    monkeypatch.setattr("streamchat.offline.answer_offline", offline)
+    monkeypatch.setattr("streamchat.bench_fair.answer_fair", fair)
+    assert main([*SMALL, "--no-repeat-questions", "--questions", "1", "--json"]) == 0
+    assert alive == [0, 0, 0, 0]  # warm-up and timed run of each path
+
+
+def test_minutes_mode_keeps_the_streams_own_memory_defaults(home, capsys):
+    argv = ["bench", "--model", "tiny-random", "--device", "cpu", "--minutes", "0.1", "--width", "112", "--height", "112",
+            "--final-questions", "1", "--json"]
+    assert main(argv) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["memory"]["gpu_tokens"] == 65536 and r["memory"]["mode"] == "exact"  # auto, resolved: 12 frames fit

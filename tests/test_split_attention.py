@@ -185,3 +185,32 @@ def test_prefix_keys_in_parts_merge_to_one_call(parts, monkeypatch):
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert torch.allclose(out, ref_out, atol=1e-6) and torch.allclose(lse, ref_lse, atol=1e-5)
     assert torch.allclose(out, F.scaled_dot_product_attention(q, k, v, scale=0.25, enable_gqa=True), atol=1e-6)
+
+
+def test_vision_graph_makes_its_window_tables_before_capture(tiny, monkeypatch):
+    """A float32 or float16 tower on a GPU takes the windowed path of `_window_sdpa`, whose index tables
+    copy device->host and host->device: inside a CUDA graph capture that is the error `compare --dtype
+    float32` died of ("Cannot copy between CPU and CUDA tensors during CUDA graph capture"). The graph's
+    sequence here is the GPU's: one warm run, then the captured run, in which every such copy fails."""
+    import numpy as np
+
+    hf.use_stream_attention(tiny.model, True)
+    frames = np.random.default_rng(0).integers(0, 255, (4, 112, 112, 3), dtype=np.uint8)
+    pixels, grid = hf.video_pixels(tiny.processor, frames)
+    vision = graphs.VisionGraph(tiny.model, grid, pixels.shape)
+    vision.pixels.copy_(pixels)
+    with torch.inference_mode():
+        warm = vision.forward()  # _warm_on_side_stream's run
+
+        def refused(*args, **kwargs):
+            raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is pinned")
+
+        with monkeypatch.context() as m:  # the capture: no host<->device copy may happen
+            m.setattr(torch.Tensor, "tolist", refused)
+            m.setattr(torch, "tensor", refused)
+            captured = vision.forward()
+    assert torch.equal(captured, warm)
+    assert len(vision.window_groups) == 2 and all(len(g) >= 1 for g in vision.window_groups)
+    with torch.inference_mode():
+        stock = torch.cat(tiny.model.model.get_video_features(pixels, grid).pooler_output)
+    assert float((captured - stock).abs().max()) <= 1e-5

@@ -146,13 +146,23 @@ def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 # "flash" in the name makes the vision tower hand us cu_seqlens in one call (its varlen path)
 # instead of looping over the windows itself: one SDPA call per window, 4,712 per 720p chunk.
 WINDOW_ATTENTION = "streamchat_flash_windows"
-_groups_memo: list = [None, None]  # (cu_seqlens tensor, groups): the 28 window blocks share one tensor
+# id(cu_seqlens) -> (weak reference to it, groups), dropped when the tensor dies. A tower's window
+# blocks share one cu_seqlens tensor and its full blocks another, so both stay memoised; a VisionGraph
+# primes both before capture, because computing groups copies device to host and host to device,
+# which CUDA graph capture refuses (float32/float16 towers take this path on a GPU).
+_groups_memo: dict[int, tuple] = {}
 
 
 def _window_groups(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
     """Token indices [n_windows, L] for each distinct window length L."""
-    if _groups_memo[0] is cu_seqlens:
-        return _groups_memo[1]
+    import weakref
+
+    hit = _groups_memo.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens:
+        return hit[1]
+    if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("streamchat: vision windows met for the first time inside a CUDA graph capture; "
+                           "prime them with _window_groups(cu_seqlens) before capturing (VisionGraph does)")
     bounds = cu_seqlens.tolist()
     by_len: dict[int, list[int]] = {}
     for start, end in zip(bounds[:-1], bounds[1:]):
@@ -163,7 +173,9 @@ def _window_groups(cu_seqlens: torch.Tensor) -> list[torch.Tensor]:
         torch.tensor(starts, device=dev).view(-1, 1) + torch.arange(length, device=dev).view(1, -1)
         for length, starts in by_len.items()
     ]
-    _groups_memo[0], _groups_memo[1] = cu_seqlens, groups
+    key = id(cu_seqlens)
+    _groups_memo[key] = (weakref.ref(cu_seqlens), groups)
+    weakref.finalize(cu_seqlens, _groups_memo.pop, key, None)
     return groups
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 
-from .attention import _stream_sdpa
+from .attention import _stream_sdpa, _window_groups
 from .cache import BLOCK_TOKENS, buffers_key as _buffers_key
 from .devices import is_split
 from .rewrites import _mlp, _qkv
@@ -97,6 +97,10 @@ class VisionGraph:
             cu_window_seqlens=cu_window,
             max_window_seqlen=int((cu_window[1:] - cu_window[:-1]).max()),
         )
+        # the per-window index tables of the float32/float16 window attention, made now: inside a
+        # capture their host<->device copies fail (the float32 `compare` crash on an H200); held here
+        # so they live as long as the graph that reads them
+        self.window_groups = [_window_groups(cu), _window_groups(cu_window)]
         self.vis, self.grid = vis, grid
         self.pixels = torch.zeros(tuple(pixel_shape), dtype=vis.dtype, device=dev)
         self.out = None
@@ -152,6 +156,7 @@ class StaticDecoder:
         self.flash = dev.type == "cuda" and model.dtype in (torch.bfloat16, torch.float16)
         self.cu_q = torch.tensor([0, 1], dtype=torch.int32, device=dev)  # varlen bounds: one query ...
         self.cu_k = torch.zeros(2, dtype=torch.int32, device=dev)  # ... over cu_k[1] keys (length + 1)
+        self.logits = torch.zeros(model.lm_head.out_features, dtype=model.lm_head.weight.dtype, device=dev)  # the last step's
         self.graph = None
         self._graph_key = None
 
@@ -203,6 +208,7 @@ class StaticDecoder:
             out = torch.matmul(p_blk, v_blk).float().sum(2).to(kv._v.dtype)  # [1, H_kv, G, Dh]
             hidden = _layer_second_half(layer, hidden, out.reshape(1, 1, -1))  # out: [1, 1, H * Dh]
         logits = self.model.lm_head(lm.norm(hidden))[0, -1]
+        self.logits.copy_(logits)  # kept for teacher-forced checks (tests/test_gpu_tier.py)
         self.token.copy_(torch.argmax(logits).view(1))
         self.length.add_(1)
         self.pos.add_(1)
