@@ -333,7 +333,7 @@ def test_random_qwen25vl_3b_loads_streams_and_matches_its_float32_copy(clip_448)
     assert (vc.depth, vc.hidden_size, vc.intermediate_size, vc.num_heads, vc.window_size, vc.fullatt_block_indexes) == (32, 1280, 3420, 16, 112, [7, 15, 23, 31])
     assert model.device.type == "cuda" and {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.model.visual.blocks[0].mlp.gate_proj.out_features == 3456  # padded for Hopper's GEMM kernels
-    assert type(model.model.language_model.norm) is _fused_norm_class()[1]
+    assert type(model.model.language_model.norm).__name__ == "FusedRMSNorm"  # the rewrite builds its class per call
     assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()  # tied
     cfg = SessionConfig(model="random:qwen2.5-vl-3b", sampling=Sampling(fps=8.0, max_frames=12, max_pixels=224 * 224),
                         chunk_frames=4, max_new_tokens=32, memory=MemoryConfig(mode="exact"))
