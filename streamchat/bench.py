@@ -550,12 +550,9 @@ def register(sub) -> None:
 
 
 def cmd_bench(args) -> int:
-    import json
-
     from .bench_report import text_table, write_report
-    from .cli import emit, load_model, memory_from, progress_for
+    from .cli import load_model, memory_from, progress_for
     from .metrics import now
-    from .store import Store, home
 
     if args.minutes is not None:
         return _cmd_bench_long(args)
@@ -578,11 +575,21 @@ def cmd_bench(args) -> int:
     report = run_bench(loaded, settings, on_chunk=bar.update, memory=memory)
     bar.close()
     report["load_s"] = round(load_s, 3)
-    out = Path(args.out) if args.out else home() / f"bench-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
+    return _keep(args, report, "bench", write_report, text_table)
+
+
+def _keep(args, report: dict, kind: str, write_report: Callable, text_table: Callable) -> int:
+    """Log the run in the store, write its JSON (and the Markdown report if asked), print the table."""
+    import json
+
+    from .cli import emit
+    from .store import Store, home
+
+    out = Path(args.out) if args.out else home() / f"{kind}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report["json_path"] = str(out)
     with Store() as store:
-        report["run_id"] = store.log_run("bench", report)
+        report["run_id"] = store.log_run(kind, report)
     out.write_text(json.dumps(report, indent=2))
     if args.report:
         write_report(report, Path(args.report))
@@ -599,12 +606,9 @@ def _with_stream_defaults(args):
 
 
 def _cmd_bench_long(args) -> int:
-    import json
-
     from . import bench_long
-    from .cli import emit, load_model, memory_from, progress_for
+    from .cli import load_model, memory_from, progress_for
     from .errors import UserError
-    from .store import Store, home
 
     width, height = args.width or 448, args.height or 448
     s = bench_long.LongSettings(minutes=args.minutes, width=width, height=height, fps=args.fps, chunk_frames=args.chunk_frames,
@@ -621,13 +625,4 @@ def _cmd_bench_long(args) -> int:
     bar = progress_for(args, s.frames, "streaming")
     report = bench_long.run_long(loaded, s, memory, on_chunk=bar.update)
     bar.close()
-    out = Path(args.out) if args.out else home() / f"bench-long-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    report["json_path"] = str(out)
-    with Store() as store:
-        report["run_id"] = store.log_run("bench-long", report)
-    out.write_text(json.dumps(report, indent=2))
-    if args.report:
-        bench_long.write_report(report, Path(args.report))
-    emit(args, report, bench_long.text_table(report) + f"\n\nJSON: {out}")
-    return 0
+    return _keep(args, report, "bench-long", bench_long.write_report, bench_long.text_table)

@@ -70,7 +70,7 @@ def run_long(loaded, s: LongSettings, memory, on_chunk: Callable[[int], None] | 
         budget = engine.plan(s.frames, s.height, s.width)
         plan_s = now() - t0
         frames_per_minute = int(round(60 * s.fps))
-        rows, minute, asked = [], None, 0
+        rows, minute = [], None
         qi = 0
 
         def ask(n: int) -> list:
@@ -138,7 +138,7 @@ def run_long(loaded, s: LongSettings, memory, on_chunk: Callable[[int], None] | 
             },
             "spill_error": engine.book.archive.spill_error,
         }
-        del engine
+        engine = None  # the cache, its graphs and the archive go before the spill folder does
         _free(dev)
     return report
 

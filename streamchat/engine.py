@@ -589,7 +589,6 @@ class StreamEngine:
     def ask(self, question: str, on_token: Callable[[int], None] | None = None, max_new_tokens: int | None = None) -> Answer:
         """Answer on top of the cache; then roll back (history=drop) or keep the turn (history=keep).
         Under bounded memory the archived pages that best match the question join the cache first."""
-        dev = self.loaded.device
         max_new = max_new_tokens or self.config.max_new_tokens
         hf.use_stream_attention(self.model, self.config.stream_attention)
         reset_peak(self.loaded.devices)

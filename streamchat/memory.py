@@ -24,9 +24,12 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass
 
+from typing import TYPE_CHECKING
+
 from .errors import UserError
 
-# torch is imported inside the score functions: the CLI's parsers read MemoryConfig without it
+if TYPE_CHECKING:  # torch is imported inside the score functions: the CLI's parsers read MemoryConfig without it
+    import torch
 
 MEMORY_MODES = ("auto", "exact", "bounded")
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

@@ -47,7 +47,7 @@ def answer_offline(
     on_token: Callable[[int], None] | None = None,
 ) -> Answer:
     """One prefill of `prompt` (segments ending in the question's tokens), then greedy decoding."""
-    model, dev = loaded.model, loaded.device
+    model = loaded.model
     hf.use_stream_attention(model, False)  # the plain transformers path: stock sdpa
     vc = hf.vision_config(model)
     interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)

@@ -324,7 +324,6 @@ def test_random_qwen25vl_3b_loads_streams_and_matches_its_float32_copy(clip_448)
     and a short stream (224x224, 12 frames, 64 tokens a pair) teacher-forced against a float32 copy of
     the same weights."""
     from streamchat.engine import StreamEngine
-    from streamchat.hf.rewrites import _fused_norm_class
 
     loaded = load("random:qwen2.5-vl-3b", device=DEVICE, dtype="bfloat16")
     model = loaded.model

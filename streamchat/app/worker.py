@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .. import hf, inuse
+from .. import inuse
 from ..config import SessionConfig
 from ..engine import Answer
 from ..errors import UserError
