@@ -36,8 +36,8 @@ def main() -> None:
     StreamEngine(loaded, config, 2.0).warmup(frames)
     steps.append(("after warm-up", torch.cuda.memory_allocated()))
     engine = StreamEngine(loaded, config, 2.0)
-    engine.plan_cache(args.frames, args.height, args.width)
-    steps.append(("after plan_cache", torch.cuda.memory_allocated()))
+    engine.plan(args.frames, args.height, args.width)
+    steps.append(("after plan", torch.cuda.memory_allocated()))
     for first in range(0, args.frames, 4):
         engine.encode(frames, first)
         if first == 0:

@@ -245,13 +245,17 @@ class StreamEngine:
 
     # --- planning -----------------------------------------------------------------------------
 
+    def pair_tokens(self, height: int, width: int) -> int:
+        """Cache tokens of one temporal patch (2 frames) of height x width (resized): the merged grid."""
+        vc = hf.vision_config(self.model)
+        unit = vc.patch_size * vc.spatial_merge_size
+        return (height // unit) * (width // unit)
+
     def resolve_budget(self, total_frames: int, height: int, width: int) -> Budget:
         """The memory policy resolved for a stream of `total_frames` frames of height x width (resized),
         with no allocation: exact memory that cannot hold the stream, and budgets that cannot work,
         are refused here, before any work (the app checks this before it opens)."""
-        vc = hf.vision_config(self.model)
-        unit = vc.patch_size * vc.spatial_merge_size
-        per_pair = (height // unit) * (width // unit)
+        per_pair = self.pair_tokens(height, width)
         planned = len(self.pending) + -(-total_frames // 2) * per_pair + self._answer_room()
         self.planned_tokens = planned  # the whole stream, the shortest question and the longest answer
         budget = resolve(self.config.memory, bytes_per_token=self.bytes_per_token, max_context=self.max_context,
@@ -276,9 +280,7 @@ class StreamEngine:
         vision tower's graph. Buffers that never move keep all of it valid, and it is paid at load
         (about 1 s for the 3B model, H200), not in the first chunks."""
         vc = hf.vision_config(self.model)
-        unit = vc.patch_size * vc.spatial_merge_size
-        per_pair = (height // unit) * (width // unit)
-        chunk_tokens = self.config.chunk_frames // 2 * per_pair
+        chunk_tokens = self.config.chunk_frames // 2 * self.pair_tokens(height, width)
         self.budget = self.resolve_budget(total_frames, height, width)
         planned = self.planned_tokens
         self.book.archive.host_budget = self.budget.host_bytes
@@ -296,8 +298,6 @@ class StreamEngine:
             if graph is not None:
                 graph.run()  # captured now, replayed per chunk
         return self.budget
-
-    plan_cache = plan  # the name callers used before memory policies
 
     @torch.inference_mode()  # no autograd graph may hold the capture's activations
     def _prepare_buffers(self, chunk_tokens: int) -> None:
@@ -437,10 +437,7 @@ class StreamEngine:
             self.book.pages.extend(infos)
             return
         end = self.cache_tokens
-        rows = self.cache.rows(end - t_count * per_page, end)
-        dev = self.loaded.device
-        keys = torch.stack([k[0].to(dev) for k, _ in rows])  # [L, H_kv, T*N, Dh], rotated
-        values = torch.stack([v[0].to(dev) for _, v in rows])
+        keys, values = self.cache.stacked(end - t_count * per_page, end, self.loaded.device)  # [L, H_kv, T*N, Dh], rotated
         cos, sin = hf.rotary(self.model, video_pos, keys)
         keys = hf.unrotate(keys, cos, sin)
         shape = (keys.shape[0], keys.shape[1], t_count, per_page, keys.shape[-1])
@@ -469,11 +466,9 @@ class StreamEngine:
                 break
             leaving.append(page)
             freed += starts[page][1]
-        dev = self.loaded.device
         for page in leaving:
             start, n = starts[page]
-            rows = self.cache.rows(start, start + n)
-            self.book.archive.put(page, torch.stack([k[0].to(dev) for k, _ in rows]), torch.stack([v[0].to(dev) for _, v in rows]))
+            self.book.archive.put(page, *self.cache.stacked(start, start + n, self.loaded.device))
         self.cache.drop_pages(set(leaving))
         return len(leaving)
 

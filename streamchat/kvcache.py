@@ -115,6 +115,11 @@ class KVCache:
     def rows(self, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return hf.cache_rows(self.hf, start, end)
 
+    def stacked(self, start: int, end: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [start, end) of every layer as keys and values [L, H_kv, end - start, Dh] on `device`."""
+        rows = self.rows(start, end)
+        return torch.stack([k[0].to(device) for k, _ in rows]), torch.stack([v[0].to(device) for _, v in rows])
+
     def drop_pages(self, pages: set[int]) -> None:
         """Remove the rows of `pages`, moving the rest up in place (the buffers never move)."""
         keep, kept_spans = [], []

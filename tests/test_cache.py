@@ -59,7 +59,7 @@ def test_static_decoder_matches_eager_decode(tiny, clip_24fps):
 
 
 def test_cache_planned_for_the_whole_video_never_moves_and_matches_offline(tiny, clip_24fps):
-    """Stream sizes the buffers once, at construction (StreamEngine.plan_cache; the GPU's graphs and cuDNN
+    """Stream sizes the buffers once, at construction (StreamEngine.plan; the GPU's graphs and cuDNN
     plans are tied to them): streaming the whole clip and answering stays inside them, with the same
     answer as the offline path."""
     from streamchat.compare import match
