@@ -93,12 +93,6 @@ class KVCache:
     def pages(self) -> list[int]:
         return [s.page for s in self.spans if s.page is not None]
 
-    def page_rows(self, page: int) -> tuple[int, int]:
-        for start, s in zip(self.starts(), self.spans):
-            if s.page == page:
-                return start, start + s.tokens
-        raise KeyError(page)
-
     # --- changing rows ----------------------------------------------------------------------------
 
     def truncate(self, length: int) -> None:
