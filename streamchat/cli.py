@@ -422,7 +422,7 @@ def _extra_commands():
     import importlib
     import inspect
 
-    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench", "streamchat.cli_completion"):
+    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench", "streamchat.evaluate", "streamchat.cli_completion"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:
