@@ -3,9 +3,11 @@
 A haystack (a shapes scene without words) of each stream length gets one needle, a word shown for one
 second, at depth d: it starts at d x (length - 1 s), snapped to the sampling grid, so d = 0 is the
 first frame and d = 1 ends with the last. The same haystack and needle serve every depth of a length
-(only the depth moves), and "What word was shown?" is asked at the end of the stream: in streaming
+(only the depth moves), and the needle's question is asked at the end of the stream: in streaming
 mode under each memory policy, and offline where the whole video fits the model's context.
-Scored by exact match.
+Scored by exact match. For a real checkpoint the needle is a sentence ("the secret word is mango"),
+as V-NIAH's needles are images with a question about them; for tiny-random and random:<arch> it is
+the bare word, what a model trained on these scenes learns to read.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from .errors import UserError
 from .questions import exact_match
 from .scenes import WORD_S, WORDS, Scene, generate
 
-QUESTION = "What word was shown?"
+NEEDLES = {  # kind -> (the text shown, the question asked)
+    "word": ("{word}", "What word was shown?"),
+    "sentence": ("the secret word is {word}", "What is the secret word? Answer with the word only."),
+}
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -29,6 +34,7 @@ class EvalSettings:
     lengths: tuple[float, ...] = (16.0, 32.0, 64.0)  # stream lengths in seconds
     depths: tuple[float, ...] = DEPTHS  # V-NIAH's needle depths (it steps by 0.2; quarters here)
     policies: tuple[str, ...] = ("exact", "bounded")  # memory policies the stream is asked under
+    needle: str = "auto"  # word | sentence | auto: a sentence for a real checkpoint, the word for built-in models
     offline: bool = True  # also the whole-video prefill, where it fits the context
     trials: int = 1  # haystack and needle pairs per length; accuracy is the share answered right
     seed: int = 0
@@ -48,6 +54,14 @@ def haystack(settings: EvalSettings, length: float, trial: int) -> tuple[Scene, 
     return scene, random.Random(seed).choice(WORDS)
 
 
+def needle_kind(setting: str, model_id: str) -> str:
+    from .models import TINY
+
+    if setting != "auto":
+        return setting
+    return "word" if model_id == TINY or model_id.startswith("random:") else "sentence"
+
+
 def modes(settings: EvalSettings) -> list[str]:
     return [f"streaming:{p}" for p in settings.policies] + (["offline"] if settings.offline else [])
 
@@ -58,16 +72,18 @@ def run_eval(loaded, config, settings: EvalSettings, on_answer: Callable[[], Non
     if clips_dir is None:
         with tempfile.TemporaryDirectory(prefix="streamchat-eval-") as tmp:
             return run_eval(loaded, config, settings, on_answer, Path(tmp))
+    kind = needle_kind(settings.needle, loaded.model_id)
     cells = []
     for length in settings.lengths:
         for trial in range(settings.trials):
             hay, word = haystack(settings, length, trial)
             for depth in settings.depths:
-                cells.append(_cell(loaded, config, settings, hay, word, length, depth, trial, clips_dir, on_answer))
+                cells.append(_cell(loaded, config, settings, kind, hay, word, length, depth, trial, clips_dir, on_answer))
     return {
         "benchmark": "needle-in-a-video (V-NIAH construction rule)",
         "model": loaded.model_id,
-        "question": QUESTION,
+        "needle": kind,
+        "question": NEEDLES[kind][1],
         "settings": dataclasses.asdict(settings),
         "config": config.to_dict(),
         "modes": modes(settings),
@@ -76,20 +92,22 @@ def run_eval(loaded, config, settings: EvalSettings, on_answer: Callable[[], Non
     }
 
 
-def _cell(loaded, config, settings, hay: Scene, word: str, length, depth, trial, clips_dir: Path, on_answer) -> dict:
+def _cell(loaded, config, settings, kind: str, hay: Scene, word: str, length, depth, trial, clips_dir: Path,
+          on_answer) -> dict:
     from .video import VideoSource
 
     fps = config.sampling.fps  # the clip is written at the rate it is sampled: every frame is a plan frame
     start = needle_start(depth, length, fps)
-    scene = hay.with_word(word, start)
+    shown, question = NEEDLES[kind]
+    scene = hay.with_word(shown.format(word=word), start)
     path = scene.write(clips_dir / f"L{length:g}-d{depth:g}-t{trial}.mp4", fps=fps)
     source = VideoSource(path, config.sampling)
     needle_frames = [k for k, (_, t) in enumerate(source.plan) if start - 1e-6 <= t < start + WORD_S - 1e-6]
     cell = {"length_s": length, "depth": depth, "trial": trial, "frames": len(source.plan),
-            "needle": {"word": word, "start_s": start, "end_s": start + WORD_S, "frames": needle_frames},
+            "needle": {"word": word, "shown": scene.word_at(start), "start_s": start, "end_s": start + WORD_S, "frames": needle_frames},
             "results": {}}
     for mode in modes(settings):
-        cell["results"][mode] = _ask(loaded, config, source, mode, word)
+        cell["results"][mode] = _ask(loaded, config, source, mode, question, word)
         if on_answer is not None:
             on_answer()
     offline = cell["results"].get("offline", {})
@@ -99,7 +117,7 @@ def _cell(loaded, config, settings, hay: Scene, word: str, length, depth, trial,
     return cell
 
 
-def _ask(loaded, config, source, mode: str, word: str) -> dict:
+def _ask(loaded, config, source, mode: str, question: str, word: str) -> dict:
     """One answer in one mode, or why there is none (a refused or unfitting stream is a result, not an error)."""
     frames = len(source.plan)
     if mode == "offline":
@@ -111,9 +129,9 @@ def _ask(loaded, config, source, mode: str, word: str) -> dict:
         vc = hf.vision_config(loaded.model)
         unit = vc.patch_size * vc.spatial_merge_size
         vocab = Vocab(loaded.tokenizer, config.system_prompt)
-        prompt = one_turn(vocab, frames, source.info.resized_height // unit, source.info.resized_width // unit, QUESTION)
+        prompt = one_turn(vocab, frames, source.info.resized_height // unit, source.info.resized_width // unit, question)
         fps = config.sampling.sampled_fps(source.info.native_fps)
-        ans, attempts = answer_with_retry(loaded, prompt, lambda pos: read_frames(source, pos), fps, QUESTION,
+        ans, attempts = answer_with_retry(loaded, prompt, lambda pos: read_frames(source, pos), fps, question,
                                           config.max_new_tokens, vocab, max_attempts=1)
         if ans is None or attempts[-1].stride_factor != 1:  # a halved video is not the whole video
             return {"skipped": attempts[0].error or "the whole video does not fit"}
@@ -128,7 +146,7 @@ def _ask(loaded, config, source, mode: str, word: str) -> dict:
         except UserError as exc:  # exact memory refuses a stream that cannot fit, before any work
             return {"skipped": str(exc)}
         stream.encode_until(frames, pad_tail=True)
-        ans = stream.engine.ask(QUESTION)
+        ans = stream.engine.ask(question)
         extra = {"policy": stream.budget.mode, "recalled": ans.retrieved}
     return {"answer": ans.text, "token_ids": ans.token_ids, "correct": exact_match(ans.text, word),
             "frames_seen": ans.frames_seen, "cache_tokens": ans.cache_tokens, "ttft_ms": ans.ttft_s * 1000, **extra}
@@ -226,7 +244,7 @@ def settings_from(args) -> EvalSettings:
     if args.width < 16 or args.height < 16 or args.width % 2 or args.height % 2:
         raise UserError(f"--width and --height must be even and at least 16; got {args.width}x{args.height}")
     return EvalSettings(lengths=lengths, depths=depths, policies=policies, offline=args.offline, trials=args.trials,
-                        seed=args.seed, width=args.width, height=args.height)
+                        needle=args.needle, seed=args.seed, width=args.width, height=args.height)
 
 
 def cmd_eval(args) -> int:
@@ -267,13 +285,16 @@ def register(sub) -> None:
     d, v = EvalSettings(), Sampling()
     p = sub.add_parser("eval", help="needle-in-a-video benchmark: accuracy by needle depth, stream length and mode",
                        description="Build generated haystack scenes with a word shown for one second at each needle depth "
-                       "(V-NIAH's construction rule), ask 'What word was shown?' at the end of each stream in streaming mode "
+                       "(V-NIAH's construction rule), ask for it at the end of each stream in streaming mode "
                        "under each memory policy and offline where the whole video fits; print an accuracy table, write "
                        "JSON and a heat map, log the run in the store.")
     p.add_argument("--lengths", default=",".join(f"{x:g}" for x in d.lengths), help=f"stream lengths in seconds, comma-separated (default: {','.join(f'{x:g}' for x in d.lengths)})")
     p.add_argument("--depths", default=",".join(f"{x:g}" for x in d.depths), help=f"needle depths in [0, 1], comma-separated (default: {','.join(f'{x:g}' for x in d.depths)})")
     p.add_argument("--policies", default=",".join(d.policies), help=f"memory policies to stream under, comma-separated, from auto, exact, bounded; the budgets come from --gpu-kv-budget and friends (default: {','.join(d.policies)})")
     p.add_argument("--no-offline", dest="offline", action="store_false", default=True, help="skip the whole-video prefill (default: run it where the video fits the context)")
+    p.add_argument("--needle", choices=["auto", *NEEDLES], default=d.needle, help="word: the bare word is shown, 'What word was shown?'; sentence: "
+                   "'the secret word is …' is shown, 'What is the secret word?'; auto: sentence for a real checkpoint, word for "
+                   f"tiny-random and random:<arch> (default: {d.needle})")
     p.add_argument("--trials", type=int, default=d.trials, help=f"haystack and needle pairs per length (default: {d.trials})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the haystacks and needles (default: {d.seed})")
     p.add_argument("--width", type=int, default=d.width, help=f"scene width in pixels, even (default: {d.width})")

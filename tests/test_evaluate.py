@@ -47,6 +47,7 @@ def test_needle_starts_at_depth_times_the_free_length_on_the_frame_grid():
 def test_grid_cells_and_needle_frames(small_run):
     doc, _, _ = small_run
     assert doc["modes"] == ["streaming:exact", "streaming:bounded", "offline"]
+    assert doc["needle"] == "word" and doc["question"] == "What word was shown?"  # tiny-random: the bare word
     cells = {(c["length_s"], c["depth"]): c for c in doc["cells"]}
     assert set(cells) == {(L, d) for L in (3.0, 5.0) for d in (0.0, 0.25, 0.5, 0.75, 1.0)}
     for (length, depth), cell in cells.items():
@@ -105,12 +106,31 @@ def test_the_needle_is_in_the_frames_the_report_names(tmp_path):
         model_id = "none"
 
     hay, word = haystack(settings, 5.0, 0)
-    cell = _cell(NoModel(), config, settings, hay, word, 5.0, 0.75, 0, tmp_path, None)
+    cell = _cell(NoModel(), config, settings, "word", hay, word, 5.0, 0.75, 0, tmp_path, None)
     source = VideoSource(tmp_path / "L5-d0.75-t0.mp4", config.sampling)
     frames = source.read(0, len(source.plan))
     top = int(source.info.resized_height * (1 - CAPTION))
     lit = [k for k in range(len(frames)) if (frames[k, top:] > 200).all(axis=-1).sum() > 20]
     assert cell["needle"]["frames"] == lit == [6, 7]
+    assert cell["needle"]["shown"] == word
+
+
+def test_a_real_checkpoint_gets_the_secret_word_sentence(tmp_path):
+    from streamchat.evaluate import NEEDLES, _cell, haystack, needle_kind
+
+    assert [needle_kind("auto", m) for m in ("tiny-random", "random:qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "/ckpt")] == [
+        "word", "word", "sentence", "sentence"]
+    assert needle_kind("word", "/ckpt") == "word"
+    config = SessionConfig(model="x", sampling=Sampling(fps=2.0)).validate()
+    settings = EvalSettings(lengths=(4.0,), depths=(0.0,), policies=(), offline=False, width=224, height=112)
+
+    class NoModel:
+        model_id = "none"
+
+    hay, word = haystack(settings, 4.0, 0)
+    cell = _cell(NoModel(), config, settings, "sentence", hay, word, 4.0, 0.0, 0, tmp_path, None)
+    assert cell["needle"]["shown"] == f"the secret word is {word}" and cell["needle"]["frames"] == [0, 1]
+    assert NEEDLES["sentence"][1] == "What is the secret word? Answer with the word only."
 
 
 def test_exact_refuses_and_bounded_recalls_on_a_stream_over_the_budget(tiny):
@@ -134,6 +154,7 @@ def test_exact_refuses_and_bounded_recalls_on_a_stream_over_the_budget(tiny):
     ("--lengths", "a,b", "not a comma-separated list"),
     ("--policies", "exact,lru", "--policies takes"),
     ("--trials", "0", "--trials must be at least 1"),
+    ("--needle", "image", "--needle: invalid choice"),
 ])
 def test_bad_eval_options_exit_2_with_one_line(capsys, flag, value, says):
     assert says in error_line(capsys, *SMALL, flag, value)
