@@ -336,9 +336,23 @@ def cmd_make_clip(args) -> int:
         raise UserError(f"--width and --height must be even; got {args.width}x{args.height}")
     if args.seconds <= 0 or args.fps <= 0:
         raise UserError("--seconds and --fps must be positive")
+    if args.seed is not None and args.scene == "default":
+        raise UserError("--seed goes with --scene shapes; add --scene shapes, or leave --seed out")
     out = Path(args.path)  # checked before (preflight): writable, and new unless --force
-    make_clip(out, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
-    emit(args, {"path": str(out), "seconds": args.seconds, "fps": args.fps, "size": [args.width, args.height]}, str(out))
+    doc = {"path": str(out), "seconds": args.seconds, "fps": args.fps, "size": [args.width, args.height], "scene": args.scene}
+    if args.scene == "shapes":
+        from .scenes import generate
+
+        if args.width < 16 or args.height < 16:
+            raise UserError(f"--scene shapes needs at least 16x16 pixels; got {args.width}x{args.height}")
+        scene = generate(args.seed or 0, seconds=args.seconds, width=args.width, height=args.height)
+        scene.write(out, fps=args.fps)
+        truth = out.with_name(out.name + ".json")  # the ground truth beside the clip: what is where, when
+        truth.write_text(json.dumps(scene.to_json(), indent=2) + "\n")
+        doc.update(seed=scene.seed, truth=str(truth), ground_truth=scene.to_json())
+    else:
+        make_clip(out, seconds=args.seconds, fps=args.fps, width=args.width, height=args.height)
+    emit(args, doc, str(out))
     return 0
 
 
@@ -388,6 +402,10 @@ def build_parser(light: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=24.0, help="frame rate (default: 24)")
     p.add_argument("--width", type=int, default=224, help="width in pixels, even (default: 224)")
     p.add_argument("--height", type=int, default=224, help="height in pixels, even (default: 224)")
+    p.add_argument("--scene", choices=["default", "shapes"], default="default",
+                   help="default: a moving square and disc with the frame number on top; shapes: a seeded scene of moving "
+                        "coloured shapes, flashes and a word, its ground truth written beside it as PATH.json (default: default)")
+    p.add_argument("--seed", type=int, default=None, help="which shapes scene, with --scene shapes (default: 0)")
     add_output_options(p)
     p.set_defaults(func=cmd_make_clip)
 
@@ -404,7 +422,7 @@ def _extra_commands():
     import importlib
     import inspect
 
-    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench", "streamchat.cli_completion"):
+    for name in ("streamchat.cli_sessions", "streamchat.cli_app", "streamchat.bench", "streamchat.evaluate", "streamchat.cli_completion"):
         try:
             mod = importlib.import_module(name)
         except ModuleNotFoundError as exc:

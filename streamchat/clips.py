@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
 from pathlib import Path
 
@@ -77,6 +77,7 @@ def make_clip(
     seed: int = 0,
     faststart: bool = False,
     times: Sequence[float] | None = None,
+    draw: Callable[[int, int], np.ndarray] | None = None,
 ) -> Path:
     """Write a deterministic libx264/yuv420p mp4 with moving content; return its path.
 
@@ -84,7 +85,7 @@ def make_clip(
     container over-reports the frame count: the case VideoSource must survive.
     times gives each frame its own timestamp in seconds (a variable frame rate; they must
     lie on the 1/fps grid, and `seconds` is then ignored); the last frame lasts as long
-    as the one before it.
+    as the one before it. draw(i, n) gives frame i of n instead of the default picture (a scene).
     """
     import av  # lazy: only tests and demos need PyAV
 
@@ -120,7 +121,8 @@ def make_clip(
                 container.mux(packet)
 
         for i in range(n):
-            frame = av.VideoFrame.from_ndarray(_frame(i, n, width, height, seed), format="rgb24")
+            picture = _frame(i, n, width, height, seed) if draw is None else draw(i, n)
+            frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts, frame.time_base = ticks[i], 1 / rate
             mux(stream.encode(frame))
         mux(stream.encode())

@@ -18,6 +18,7 @@ OUTPUTS: dict[str, tuple[tuple[str, str], ...]] = {
     "replay": (("report", "--report"),),
     "bench": (("out", "--out"), ("report", "--report")),
     "make-clip": (("path", "PATH"),),
+    "eval": (("out", "--out"),),
     "sessions export": (("output", "--output"),),
 }
 
