@@ -156,10 +156,10 @@ def mean_queries(queries: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 def page_scores(index: torch.Tensor, q_mean: torch.Tensor) -> torch.Tensor:
-    """Scores [P] of pages with mean pre-RoPE keys `index` [P, L, H_kv, Dh] for q_mean [L, H_kv, Dh]."""
-    import torch
-
-    return torch.einsum("plhd,lhd->p", index.float(), q_mean.to(index.device)) / index.shape[-1] ** 0.5
+    """Scores [P] of pages with mean pre-RoPE keys `index` [P, L, H_kv, Dh] for q_mean [L, H_kv, Dh]:
+    one matrix-vector product over the index as it lies (a view, no copy of its P x L x H_kv x Dh)."""
+    q = q_mean.to(device=index.device, dtype=index.dtype).reshape(-1)
+    return (index.reshape(index.shape[0], -1) @ q) / index.shape[-1] ** 0.5
 
 
 def select_pages(scores: torch.Tensor, ids: list[int], tokens: list[int], budget: int) -> list[int]:
