@@ -242,10 +242,10 @@ def comparison_memory(loaded, gpu_kv_budget: str | None = None):
     """The comparison's memory policy: exact, with a GPU KV budget that holds the whole video (the
     model's context unless given). Bounded memory would make streaming a different computation from
     the whole-video prefill, and the agreement meaningless."""
-    from . import hf
+    from .context import model_context
     from .memory import MemoryConfig
 
-    budget = gpu_kv_budget or str(int(getattr(hf.text_config(loaded.model), "max_position_embeddings", 32768)))
+    budget = gpu_kv_budget or str(model_context(loaded))
     return MemoryConfig(mode="exact", gpu_kv_budget=budget).validate()
 
 

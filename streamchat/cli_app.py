@@ -102,13 +102,13 @@ def _isatty(stream) -> bool:
 def _load(args, model_id: str, dtype: str, max_new_tokens: int):
     """Load the model before the app opens, so a missing model, an unreachable hub or a missing GPU is a
     one-line error, and the hub's messages go to the terminal, not over the app."""
-    from . import hf
     from .cli import load_model
     from .config import SessionConfig
+    from .context import model_context
 
     loaded = load_model(argparse.Namespace(**{**vars(args), "model": model_id, "dtype": dtype, "json": False}))
-    context = int(getattr(hf.text_config(loaded.model), "max_position_embeddings", 0) or 0)
-    if context and max_new_tokens >= context:
+    context = model_context(loaded)
+    if max_new_tokens >= context:
         raise UserError(
             f"--max-new-tokens {max_new_tokens} leaves no room for the video in {model_id}'s context of {context} tokens; "
             f"use a smaller value (default: {SessionConfig().max_new_tokens})"

@@ -10,10 +10,6 @@ from .cli import Parser, add_device_map_option, add_engine_options, add_output_o
 from .errors import UserError
 
 
-def _warn(message: str) -> None:
-    print(f"streamchat: warning: {message}", file=sys.stderr)
-
-
 def _add_schedule_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ask", action="append", default=[], metavar="T:QUESTION",
                    help="ask QUESTION with every sampled frame up to T seconds, as `ask --at T` sees them (an odd "
@@ -161,7 +157,7 @@ def _drive(args, live, asks) -> int:
     def on_chunk(c) -> None:
         bar.update(c.frame_last + 1 - start)
         if c.warning:  # a spill that failed (a full disk): the session goes on with the pages in memory
-            _warn(c.warning)
+            warn(c.warning)
 
     try:
         run_schedule(live, asks, until=args.until, pacer=pacer, on_chunk=on_chunk, on_answer=on_answer)
@@ -227,7 +223,7 @@ def cmd_resume(args) -> int:
         with LiveSession.resume(args.name, load_model=_loader(args), video=args.video, snapshot=args.from_snapshot, store=store) as live:
             check_schedule(live.stream.source, asks, args.until, live.stream.next_frame)  # refusals before warnings
             for w in live.warnings:
-                _warn(w)
+                warn(w)
             _check_until(live.stream.source, args.until)
             return _drive(args, live, asks)
 

@@ -19,6 +19,7 @@ import torch
 from . import hf
 from .archive import PageArchive
 from .config import SessionConfig
+from .context import model_context
 from .errors import UserError
 from .kvcache import KVCache
 from .layout import (  # noqa: F401 - re-exported: the layout's names were the engine's before layout.py
@@ -202,7 +203,7 @@ class StreamEngine:
         self.merge = vc.spatial_merge_size
         self.interval = temporal_interval(fps, vc.tokens_per_second, vc.temporal_patch_size)
         tc = hf.text_config(self.model)
-        self.max_context = int(getattr(tc, "max_position_embeddings", 32768))
+        self.max_context = model_context(loaded)
         self.kv_heads = int(tc.num_key_value_heads)
         head_dim = int(getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads)
         self.bytes_per_token = 2 * tc.num_hidden_layers * self.kv_heads * head_dim * loaded.model.dtype.itemsize

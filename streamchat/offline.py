@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from . import hf
+from .context import model_context
 from .engine import Answer, greedy_decode
 from .layout import Segment, VideoSeg, Vocab, frame_count, halve, prompt_tokens, render
 from .metrics import gpu_memory, now, reset_peak, sync
@@ -112,7 +113,7 @@ def answer_with_retry(
     (`context`, default its max_position_embeddings: a long bounded session's whole video) and, up to
     `max_attempts` times, after running out of memory. Every attempt is reported."""
     if context is None:
-        context = int(getattr(hf.text_config(loaded.model), "max_position_embeddings", 32768))
+        context = model_context(loaded)
     attempts: list[Attempt] = []
     factor, out_of_memory = 1, 0
     while out_of_memory < max_attempts:
