@@ -11,7 +11,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
-from .scenes import Scene
+from .scenes import Scene, clock
 
 MARGIN_S = 0.5  # nothing the question is about changes this close to the moment it names
 
@@ -25,12 +25,6 @@ class QA:
 
     def to_json(self) -> dict:
         return asdict(self)
-
-
-def clock(seconds: float) -> str:
-    """00:12 for 12 s: the way questions name a moment."""
-    whole = int(seconds)
-    return f"{whole // 60:02d}:{whole % 60:02d}"
 
 
 def questions(scene: Scene, seed: int = 0) -> list[QA]:

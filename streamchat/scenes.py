@@ -3,12 +3,14 @@
 A Scene is the ground truth itself (JSON-able dataclasses); every frame is rendered from it, so what
 the ground truth says is where, when, is what the pixels show. Each shape keeps its own lane (a
 horizontal band), so shapes never cover one another; words appear in a caption strip at the bottom,
-below the lanes.
+below the lanes. A clock strip at the top shows the whole seconds as the questions name them
+("00:12"): a model as small as `tiny-shapes` reads the moment a question names from the frame.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ WORDS = ("apple", "river", "cloud", "tiger", "piano", "lemon", "stone", "robot",
 FLASH_S = 0.5
 WORD_S = 1.0
 CAPTION = 0.2  # fraction of the height kept for the caption strip
+CLOCK = 0.15  # fraction of the height kept for the clock strip, when the scene has one
 
 
 @dataclass
@@ -79,6 +82,7 @@ class Scene:
     shapes: list[Shape]
     flashes: list[Flash] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
+    clock: bool = False  # a strip at the top shows mm:ss (whole seconds)
 
     # --- ground truth, derived --------------------------------------------------------------
 
@@ -86,9 +90,10 @@ class Scene:
         return next(s for s in self.shapes if s.kind == kind)
 
     def _lane(self, lane: int) -> tuple[float, float]:
-        """Top and bottom pixel rows of a lane."""
-        usable = self.height * (1 - CAPTION)
-        return lane * usable / len(self.shapes), (lane + 1) * usable / len(self.shapes)
+        """Top and bottom pixel rows of a lane: lanes share the rows between the clock and the caption."""
+        top = self.height * CLOCK if self.clock else 0.0
+        usable = self.height * (1 - CAPTION) - top
+        return top + lane * usable / len(self.shapes), top + (lane + 1) * usable / len(self.shapes)
 
     def radius(self) -> float:
         """Half the side of every shape's box: fits its lane with room to move."""
@@ -157,7 +162,9 @@ class Scene:
             img[_mask(s.kind, xx - cx, yy - cy, r)] = FLASH if self.flashing(s.kind, t) else COLOURS[colour]
         word = self.word_at(t)
         if word is not None:
-            _draw_caption(img, word, int(self.height * (1 - CAPTION)))
+            _draw_text(img, word, int(self.height * (1 - CAPTION)), self.height)
+        if self.clock:
+            _draw_text(img, clock(t), 0, int(self.height * CLOCK))
         return img
 
     def frames(self, fps: float) -> Iterator[np.ndarray]:
@@ -171,6 +178,12 @@ class Scene:
 
         return make_clip(path, seconds=self.seconds, fps=fps, width=self.width, height=self.height,
                          draw=lambda i, n: self.frame(i / fps))
+
+
+def clock(seconds: float) -> str:
+    """00:12 for 12.7 s: how the clock strip and the questions name a moment (whole seconds)."""
+    whole = int(seconds)
+    return f"{whole // 60:02d}:{whole % 60:02d}"
 
 
 def frame_count(seconds: float, fps: float) -> int:
@@ -198,27 +211,37 @@ def _mask(kind: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
     raise ValueError(f"unknown shape kind {kind!r}; expected one of {', '.join(KINDS)}")
 
 
-def _draw_caption(img: np.ndarray, text: str, top: int) -> None:
-    """White text centred in the strip below `top`, in PIL's default font, sized to the strip."""
+def _draw_text(img: np.ndarray, text: str, top: int, bottom: int) -> None:
+    """White text centred in the strip of rows top..bottom, in PIL's default font, sized to the strip."""
+    from PIL import Image, ImageDraw
+
+    height, width = bottom - top, img.shape[1]
+    strip = Image.fromarray(img[top:bottom])
+    draw = ImageDraw.Draw(strip)
+    draw.text((width / 2, height / 2), text, fill=(255, 255, 255), font=_fitted_font(text, width, height), anchor="mm")
+    img[top:bottom] = np.asarray(strip)
+
+
+@functools.lru_cache(maxsize=512)
+def _fitted_font(text: str, width: int, height: int):
+    """PIL's default font at 80% of the strip's height, shrunk until the text takes at most 90% of its width."""
     from PIL import Image, ImageDraw, ImageFont
 
-    height, width = img.shape[0] - top, img.shape[1]
-    strip = Image.fromarray(img[top:])
-    draw = ImageDraw.Draw(strip)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     size = max(int(height * 0.8), 6)
     font = ImageFont.load_default(size=size)
     while size > 6 and draw.textlength(text, font=font) > width * 0.9:
         size -= 1
         font = ImageFont.load_default(size=size)
-    draw.text((width / 2, height / 2), text, fill=(255, 255, 255), font=font, anchor="mm")
-    img[top:] = np.asarray(strip)
+    return font
 
 
 def generate(seed: int, seconds: float = 20.0, width: int = 224, height: int = 224, *, shapes: int = 3,
-             flashes: int = 3, words: int = 1, colour_changes: int = 2) -> Scene:
+             flashes: int = 3, words: int = 1, colour_changes: int = 2, clock: bool = True) -> Scene:
     """A scene drawn from `seed`: `shapes` of the three kinds appearing at distinct times in the first
     third, each changing colour up to `colour_changes` times, `flashes` flashes over random shapes,
-    and `words` words (a word or a digit) shown for WORD_S seconds each, never overlapping."""
+    and `words` words (a word or a digit) shown for WORD_S seconds each, never overlapping; with `clock`, the
+    clock strip on top."""
     if not 1 <= shapes <= len(KINDS):
         raise ValueError(f"shapes must be 1..{len(KINDS)}; got {shapes}")
     if seconds <= 0 or width < 16 or height < 16:
@@ -240,7 +263,7 @@ def generate(seed: int, seconds: float = 20.0, width: int = 224, height: int = 2
                          x0=rng.random(), vx=rng.uniform(0.05, 0.25) * rng.choice((-1, 1)),
                          y0=rng.random(), vy=rng.uniform(0.1, 0.4) * rng.choice((-1, 1))))
     scene = Scene(seed=seed, seconds=seconds, width=width, height=height, background=rng.choice(list(BACKGROUNDS)),
-                  shapes=out)
+                  shapes=out, clock=clock)
     for _ in range(flashes):
         s = rng.choice(out)
         lo = s.appear_s

@@ -69,7 +69,7 @@ QWEN_SPECIAL_IDS = {
 }
 
 
-def build_tokenizer(out_dir: Path, qwen_ids: bool = False):
+def build_tokenizer(out_dir: Path, qwen_ids: bool = False, corpus: list[str] = CORPUS, vocab_size: int = VOCAB_SIZE):
     """A byte-level BPE with Qwen's pre-tokenizer and special tokens, saved to out_dir and loaded back.
 
     With qwen_ids the special tokens get Qwen2.5-VL's real ids (unused ids are filler tokens that the
@@ -96,12 +96,12 @@ def build_tokenizer(out_dir: Path, qwen_ids: bool = False):
 
     tok = configure(Tokenizer(models.BPE(unk_token=None)))
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS, trainer=trainer)
+    tok.train_from_iterator(corpus, trainer=trainer)
     if qwen_ids:
         trained = json.loads(tok.to_str())["model"]
         n_special = len(SPECIAL_TOKENS)

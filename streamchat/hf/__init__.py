@@ -38,7 +38,7 @@ from .cache import (
     new_cache,
 )
 from .devices import build_on_map, dispatch, execution_device, input_device, is_split, model_devices, resolve_map, vision_device
-from .forward import embed_tokens, embed_video, full_forward, lm_forward, lm_head, question_queries, rotary, unrotate
+from .forward import batch_logits, embed_tokens, embed_video, full_forward, lm_forward, lm_head, question_queries, rotary, unrotate
 from .graphs import (
     QuestionPrefill,
     StaticDecoder,
@@ -69,7 +69,7 @@ from .rewrites import fuse_projections, fuse_rms_norms, pad_vision_mlp, speed_up
 
 __all__ = [
     "BLOCK_TOKENS", "STREAM_ATTENTION", "TRANSFORMERS_PINNED", "WINDOW_ATTENTION", "QuestionPrefill",
-    "StaticDecoder", "VisionGraph", "allocate_cache", "buffers_key", "cache_append_pages", "cache_append_rows", "cache_keep_rows",
+    "StaticDecoder", "VisionGraph", "batch_logits", "allocate_cache", "buffers_key", "cache_append_pages", "cache_append_rows", "cache_keep_rows",
     "cache_rows", "layer_devices", "question_queries", "rotary", "unrotate", "build_from_config", "cache_bytes", "cache_capacity",
     "cache_drop_tail", "cache_from_layers", "cache_layers", "cache_len", "chunk_append", "default_processor",
     "embed_tokens", "embed_video", "full_forward", "fuse_projections", "fuse_rms_norms", "language_model",

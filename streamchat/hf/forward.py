@@ -89,3 +89,19 @@ def question_queries(model, embeds: torch.Tensor, position_ids: torch.Tensor, ca
         q = _qkv(attn, layer.input_layernorm(hidden.to(execution_device(layer.input_layernorm))))[0]
         queries.append(q.view(hidden.shape[1], -1, attn.head_dim).transpose(0, 1).to(embeds.device))  # [H, T, Dh]
     return torch.stack(queries)
+
+
+def batch_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                 pixel_values: torch.Tensor, grid_thw: torch.Tensor, clip_of: list[int], rows: torch.Tensor,
+                 cols: torch.Tensor) -> torch.Tensor:
+    """Training's forward: a padded batch of prompts ids [B, L] (mask [B, L], M-RoPE positions [3, B, L])
+    whose b-th prompt shows video clip_of[b] of the clips in pixel_values/grid_thw (the tower runs once
+    per clip); returns logits [N, V] at the N (rows[n], cols[n]) token positions only."""
+    features = model.model.get_video_features(pixel_values, grid_thw).pooler_output  # one [T*H*W, D] per clip
+    embeds = model.model.get_input_embeddings()(ids)
+    video = torch.cat([features[c] for c in clip_of]).to(embeds.dtype)
+    slots = (ids == model.config.video_token_id).unsqueeze(-1).expand_as(embeds)
+    embeds = embeds.masked_scatter(slots, video)
+    hidden = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                                        use_cache=False).last_hidden_state
+    return model.lm_head(hidden[rows, cols])

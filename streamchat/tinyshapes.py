@@ -1,0 +1,150 @@
+"""`tiny-shapes`: the built-in toy model's architecture, tokenizer and data recipe.
+
+The model is Qwen2.5-VL's architecture at toy size (vision tower with windows and merger, M-RoPE text
+model), trained from scratch by `python -m streamchat.train` on clips from `streamchat.scenes` and
+the questions of `streamchat.questions`, in the prompt layout and positions streamchat streams with.
+The trained checkpoint ships in `streamchat/checkpoints/tiny-shapes/` and loads through the same code
+path as any local checkpoint directory (`models.load`). This module is what training and the
+checkpoint's tests share: what a training clip is, which questions it gets, how they are rendered.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from .scenes import BACKGROUNDS, COLOURS, KINDS, WORDS, Scene, generate
+
+NAME = "tiny-shapes"
+CHECKPOINT = Path(__file__).parent / "checkpoints" / NAME
+
+# What the model was trained on: these and nothing else (the model card says so).
+FPS = 2.0  # streamchat's default sampling
+SIZE = 224  # frames are 224x224: an 8x8 merged grid, 64 tokens per temporal patch (one second)
+SECONDS = (4, 24)  # clip lengths, whole seconds, uniform
+SYSTEM_PROMPT = "You are a helpful assistant."  # SessionConfig's default: the head every prompt starts with
+QUESTION_KINDS = ("colour", "word", "flashes", "order", "count")
+
+# The tokenizer: a byte-level BPE (any text tokenizes) whose merges cover the question templates and answers.
+VOCAB_SIZE = 512
+CORPUS = [
+    "You are a helpful assistant.",
+    *(f"What colour is the {k} at 00:{s:02d}?" for k in KINDS for s in range(0, 60, 7)),
+    "What word was shown?",
+    *(f"How many times did the {k} flash?" for k in KINDS),
+    *(f"What appeared first, the {a} or the {b}?" for a in KINDS for b in KINDS if a != b),
+    *(f"How many shapes are on screen at 01:{s:02d}?" for s in range(0, 60, 11)),
+    " ".join(COLOURS), " ".join(KINDS), " ".join(WORDS), " ".join(BACKGROUNDS),
+    *COLOURS, *KINDS, *WORDS,
+    "0 1 2 3 4 5 6 7 8 9 00:00 00:12 01:30",
+    "What is happening in the video? Describe the scene.",
+]
+
+
+def text_config(vocab_size: int, ids: dict[str, int]) -> dict:
+    return dict(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=6,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        # head_dim 32: 16 rotary pairs split t/h/w in the real model's 16:24:24 proportion
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+    )
+
+
+VISION = dict(
+    depth=4,
+    hidden_size=128,
+    intermediate_size=512,
+    num_heads=4,
+    out_hidden_size=256,
+    fullatt_block_indexes=[1, 3],  # windowed blocks between full-attention ones, as in the real tower
+    patch_size=14,
+    temporal_patch_size=2,
+    spatial_merge_size=2,
+    window_size=112,
+    tokens_per_second=2,
+)
+
+
+def new_model_and_processor(seed: int, tokenizer_dir: Path):
+    """A freshly initialised tiny-shapes model (float32, CPU) and its processor; the tokenizer is
+    written to `tokenizer_dir`."""
+    import torch
+
+    from . import hf
+    from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+
+    tokenizer = build_tokenizer(tokenizer_dir, corpus=CORPUS, vocab_size=VOCAB_SIZE)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = hf.qwen25vl_config(
+        text_config=text_config(len(tokenizer), ids),
+        vision_config=VISION,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        bos_token_id=None,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = hf.new_model(config)
+    return model, hf.default_processor(tokenizer, CHAT_TEMPLATE)
+
+
+# --- the data recipe --------------------------------------------------------------------------------
+
+
+@dataclass
+class Example:
+    """One clip and the questions asked about it."""
+
+    scene: Scene
+    qas: list  # questions.QA
+
+
+def training_scene(seed: int, seconds: int | None = None) -> Scene:
+    """The clip of training example `seed` (held-out sets use seeds training never draws)."""
+    rng = random.Random(seed * 7919 + 17)
+    if seconds is None:
+        seconds = rng.randint(*SECONDS)
+    return generate(seed, seconds=float(seconds), width=SIZE, height=SIZE, shapes=rng.choice((2, 3, 3)),
+                    flashes=rng.randint(0, 5), words=1, colour_changes=rng.randint(0, 2))
+
+
+def pick_questions(scene: Scene, rng: random.Random, n: int) -> list:
+    """n questions about the scene, each of a kind drawn uniformly (then a question of that kind)."""
+    from .questions import questions
+
+    by_kind: dict[str, list] = {}
+    for qa in questions(scene, seed=rng.randrange(1 << 30)):
+        by_kind.setdefault(qa.kind, []).append(qa)
+    kinds = list(by_kind)
+    return [rng.choice(by_kind[k]) for k in (rng.choice(kinds) for _ in range(n))]
+
+
+def interval() -> Fraction:
+    from .positions import temporal_interval
+
+    return temporal_interval(FPS, VISION["tokens_per_second"], VISION["temporal_patch_size"])
+
+
+def frame_times(seconds: float) -> list[float]:
+    """The sampled frames' times: t = i / FPS, an even count (whole seconds at 2 fps)."""
+    from .scenes import frame_count
+
+    n = frame_count(seconds, FPS)
+    return [i / FPS for i in range(n - n % 2)]

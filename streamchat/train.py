@@ -1,0 +1,264 @@
+"""Train `tiny-shapes` from scratch: `python -m streamchat.train --out DIR` (one command, seeded).
+
+Data recipe (streamchat.tinyshapes): every batch is `--clips` fresh scenes of one length drawn from
+4-24 s (224x224, 2 to 3 shapes, 0 to 5 flashes, one word or digit, a clock strip), sampled at 2 fps,
+half of them round-tripped through H.264 (libx264 crf 18, what `make-clip` writes) so the model sees
+codec artefacts as decord will give them. Each clip gets `--questions` template questions, each of a
+kind drawn uniformly. A prompt is exactly what streamchat prefills for a one-turn question after the
+whole clip (`layout.one_turn` and `layout.render`: the same token ids and M-RoPE positions), so a
+streamed answer is the trained computation. The loss is the cross entropy of the answer's tokens and
+its `<|im_end|>`. Batch b is made from seed (seed, b) alone, so the run does not depend on how many
+workers make the batches.
+
+Writes the checkpoint (bf16 safetensors, tokenizer, processor, chat template), `training.json` (the
+settings, the card, the wall time, held-out accuracy per question kind) and `loss.csv`. No test
+runs this; tests check the shipped checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import hf, tinyshapes
+from .layout import TextSeg, Vocab, one_turn, render
+from .questions import QA
+
+HELD_OUT = 10_000_000  # held-out clips use seeds from here on; training draws seeds below it
+
+
+def roundtrip(frames: np.ndarray) -> np.ndarray:
+    """The frames through libx264 crf 18 yuv420p and back (in memory), as a clip file would give them."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=int(tinyshapes.FPS))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": "18", "preset": "ultrafast"}
+        for f in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        out.mux(stream.encode())
+    buf.seek(0)
+    with av.open(buf, mode="r") as inp:
+        decoded = [f.to_ndarray(format="rgb24") for f in inp.decode(video=0)]
+    return np.stack(decoded)
+
+
+def clip_frames(scene, h264: bool) -> np.ndarray:
+    frames = np.stack([scene.frame(t) for t in tinyshapes.frame_times(scene.seconds)])
+    return roundtrip(frames) if h264 else frames
+
+
+def prompt(vocab: Vocab, frames: int, qa: QA, grid: int) -> tuple[list[int], torch.Tensor, int]:
+    """Token ids and positions of a one-turn prompt followed by its answer; and where the answer starts."""
+    segs = one_turn(vocab, frames, grid, grid, qa.question)
+    answer = vocab.ids(qa.answer) + [vocab.im_end]
+    ids, pos = render(segs + [TextSeg(answer)], vocab, [(frames // 2, grid, grid)], tinyshapes.interval())
+    return ids, pos, len(ids) - len(answer)
+
+
+def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
+               held_out: bool = False) -> dict:
+    """Batch `index` of the run seeded `seed`: tensors on the CPU."""
+    rng = random.Random(seed * 1_000_003 + index)
+    seconds = rng.randint(*tinyshapes.SECONDS)
+    pixels, grids, seqs = [], [], []
+    for c in range(clips):
+        scene_seed = (HELD_OUT if held_out else 0) + (index * clips + c) * 1009 + seed
+        scene = tinyshapes.training_scene(scene_seed if held_out else scene_seed % HELD_OUT, seconds)
+        frames = clip_frames(scene, rng.random() < h264_share)
+        pv, grid = hf.video_pixels(processor, frames)
+        pixels.append(pv)
+        grids.append(grid)
+        g = int(grid[0, 1]) // 2  # merged grid side
+        for qa in tinyshapes.pick_questions(scene, rng, per_clip):
+            ids, pos, start = prompt(vocab, len(frames), qa, g)
+            seqs.append((c, ids, pos, start, qa.kind))
+    width = max(len(s[1]) for s in seqs)
+    pad = vocab.tok.convert_tokens_to_ids("<|endoftext|>")
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    pos = torch.zeros((3, len(seqs), width), dtype=torch.long)
+    rows, cols, targets, kinds = [], [], [], []
+    for b, (c, s_ids, s_pos, start, kind) in enumerate(seqs):
+        n = len(s_ids)
+        ids[b, :n] = torch.tensor(s_ids)
+        mask[b, :n] = 1
+        pos[:, b, :n] = s_pos
+        pos[:, b, n:] = s_pos[:, -1:] + 1 + torch.arange(width - n)
+        for j in range(start, n):  # the token at j is predicted from position j - 1
+            rows.append(b)
+            cols.append(j - 1)
+            targets.append(s_ids[j])
+            kinds.append(kind)
+    return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=[s[0] for s in seqs], ids=ids,
+                mask=mask, pos=pos, rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
+                kinds=kinds, seconds=seconds)
+
+
+class Batches(torch.utils.data.Dataset):
+    def __init__(self, seed, count, clips, per_clip, tokenizer_dir, held_out=False):
+        self.args = (seed, count, clips, per_clip, str(tokenizer_dir), held_out)
+        self.processor = self.vocab = None
+
+    def __len__(self):
+        return self.args[1]
+
+    def __getitem__(self, index):
+        seed, _, clips, per_clip, tok_dir, held_out = self.args
+        if self.processor is None:  # one per worker process
+            from .tiny import CHAT_TEMPLATE
+
+            self.processor = hf.default_processor(hf.tokenizer_from_dir(tok_dir), CHAT_TEMPLATE)
+            self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
+        return make_batch(seed, index, clips, per_clip, self.processor, self.vocab, held_out=held_out)
+
+
+def _one_thread(_worker: int) -> None:
+    torch.set_num_threads(1)  # batch makers share the machine's cores; the trainer keeps its own threads
+
+
+def step_logits(model, batch, device):
+    return hf.batch_logits(model, batch["ids"].to(device), batch["mask"].to(device), batch["pos"].to(device),
+                           batch["pixel_values"].to(device), batch["grid_thw"].to(device), batch["clip_of"],
+                           batch["rows"].to(device), batch["cols"].to(device))
+
+
+def answers_right(logits, batch) -> dict[str, list[int]]:
+    """Per question kind: [right, asked]. An answer is right when every one of its tokens (and the end
+    of turn) is the argmax under teacher forcing, which is exactly when greedy decoding returns it."""
+    hit = (logits.argmax(-1).cpu() == batch["targets"]).tolist()
+    per_seq: dict[int, bool] = {}
+    kind_of: dict[int, str] = {}
+    for b, ok, kind in zip(batch["rows"].tolist(), hit, batch["kinds"]):
+        per_seq[b] = per_seq.get(b, True) and ok
+        kind_of[b] = kind
+    table: dict[str, list[int]] = {}
+    for b, ok in per_seq.items():
+        for key in (kind_of[b], "all"):
+            row = table.setdefault(key, [0, 0])
+            row[0] += ok
+            row[1] += 1
+    return table
+
+
+def evaluate(model, loader, device) -> dict:
+    model.eval()
+    table: dict[str, list[int]] = {}
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for batch in loader:
+            for kind, (ok, n) in answers_right(step_logits(model, batch, device), batch).items():
+                row = table.setdefault(kind, [0, 0])
+                row[0] += ok
+                row[1] += n
+    model.train()
+    return {k: {"correct": ok, "n": n, "accuracy": ok / n} for k, (ok, n) in sorted(table.items())}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m streamchat.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes of training")
+    p.add_argument("--clips", type=int, default=12, help="clips per batch")
+    p.add_argument("--questions", type=int, default=8, help="questions per clip")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (AdamW, warm-up then cosine)")
+    p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
+    p.add_argument("--workers", type=int, default=8, help="processes making batches")
+    p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the accuracy report")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    args = p.parse_args(argv)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    tok_dir = Path(tempfile.mkdtemp(prefix="tiny-shapes-tok-"))
+    model, processor = tinyshapes.new_model_and_processor(args.seed, tok_dir)
+    model.config.vision_config._attn_implementation = "sdpa"
+    model.config.text_config._attn_implementation = "sdpa"
+    if device.type == "cuda":
+        hf.use_stream_attention(model, True)  # the tower's windows in one flash varlen call
+        model.config.text_config._attn_implementation = "sdpa"  # padded batches need the stock masked path
+    model.to(device).train()
+    params = sum(p.numel() for p in model.parameters())
+    print(f"tiny-shapes: {params / 1e6:.2f} M parameters, training on {device}", file=sys.stderr)
+
+    def loader(count, held_out, workers):
+        data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out)
+        return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                                           prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    start = time.monotonic()
+
+    def lr_at(step):
+        """Linear warm-up, then cosine to 5% over the run: by steps, or by time with --minutes (the
+        schedule ends when the time does; training.json records the steps, for a rerun with --steps)."""
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        done = (step - args.warmup) / max(args.steps - args.warmup, 1)
+        if args.minutes is not None:
+            done = max(done, (time.monotonic() - start) / (args.minutes * 60))
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(done, 1.0))))
+
+    curve = []
+    recent: dict[str, list[int]] = {}  # training answers right per kind since the last report
+    done = 0
+    for step, batch in enumerate(loader(args.steps, False, args.workers)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = step_logits(model, batch, device)
+        loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        loss = loss.detach().item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        done = step + 1
+        for kind, (ok, n) in answers_right(logits.detach(), batch).items():
+            recent.setdefault(kind, [0, 0])
+            recent[kind][0] += ok
+            recent[kind][1] += n
+        if step % 10 == 0 or done == args.steps:
+            curve.append((done, round(time.monotonic() - start, 2), loss))
+        if step % 100 == 0 or done == args.steps:
+            right = " ".join(f"{k} {ok / n:.2f}" for k, (ok, n) in sorted(recent.items()))
+            print(f"step {done} loss {loss:.4f} lr {lr_at(step):.2e} {time.monotonic() - start:.0f}s | right: {right}",
+                  file=sys.stderr, flush=True)
+            recent.clear()
+        if args.minutes is not None and time.monotonic() - start > args.minutes * 60:
+            break
+    wall = time.monotonic() - start
+    accuracy = evaluate(model, loader(args.eval_batches, True, min(args.workers, args.eval_batches)), device)
+    print(json.dumps(accuracy), file=sys.stderr)
+
+    model.to(dtype=torch.bfloat16, device="cpu").save_pretrained(out)
+    processor.save_pretrained(out)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    (out / "loss.csv").write_text("step,seconds,loss\n" + "".join(f"{s},{t},{v:.5f}\n" for s, t, v in curve))
+    (out / "training.json").write_text(json.dumps(dict(
+        command="python -m streamchat.train " + " ".join(argv if argv is not None else sys.argv[1:]),
+        settings=vars(args), steps_done=done, parameters=params, device=card, torch=torch.__version__,
+        transformers=hf.transformers_version(), wall_seconds=round(wall, 1), held_out_accuracy=accuracy,
+        held_out_note=f"{args.eval_batches} batches of {args.clips} clips x {args.questions} questions, seeds >= {HELD_OUT}, "
+                      "teacher-forced argmax of every answer token (= greedy decoding)"), indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
