@@ -125,14 +125,17 @@ def training_scene(seed: int, seconds: int | None = None) -> Scene:
                     flashes=rng.randint(0, 5), words=1, colour_changes=rng.randint(0, 2))
 
 
-def pick_questions(scene: Scene, rng: random.Random, n: int) -> list:
-    """n questions about the scene, each of a kind drawn uniformly (then a question of that kind)."""
+def pick_questions(scene: Scene, rng: random.Random, n: int, kinds: tuple[str, ...] = QUESTION_KINDS) -> list:
+    """n questions about the scene, each of a kind drawn uniformly from `kinds` (then a question of that kind)."""
     from .questions import questions
 
     by_kind: dict[str, list] = {}
     for qa in questions(scene, seed=rng.randrange(1 << 30)):
-        by_kind.setdefault(qa.kind, []).append(qa)
+        if qa.kind in kinds:
+            by_kind.setdefault(qa.kind, []).append(qa)
     kinds = list(by_kind)
+    if not kinds:
+        return []
     return [rng.choice(by_kind[k]) for k in (rng.choice(kinds) for _ in range(n))]
 
 

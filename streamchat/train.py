@@ -69,10 +69,11 @@ def prompt(vocab: Vocab, frames: int, qa: QA, grid: int) -> tuple[list[int], tor
 
 
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
-               held_out: bool = False) -> dict:
-    """Batch `index` of the run seeded `seed`: tensors on the CPU."""
+               held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
+               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS) -> dict:
+    """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range): tensors on the CPU."""
     rng = random.Random(seed * 1_000_003 + index)
-    seconds = rng.randint(*tinyshapes.SECONDS)
+    seconds = rng.randint(*seconds)
     pixels, grids, seqs = [], [], []
     for c in range(clips):
         scene_seed = (HELD_OUT if held_out else 0) + (index * clips + c) * 1009 + seed
@@ -82,7 +83,7 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
         pixels.append(pv)
         grids.append(grid)
         g = int(grid[0, 1]) // 2  # merged grid side
-        for qa in tinyshapes.pick_questions(scene, rng, per_clip):
+        for qa in tinyshapes.pick_questions(scene, rng, per_clip, kinds):
             ids, pos, start = prompt(vocab, len(frames), qa, g)
             seqs.append((c, ids, pos, start, qa.kind))
     width = max(len(s[1]) for s in seqs)
@@ -107,9 +108,20 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
                 kinds=kinds, seconds=seconds)
 
 
+def curriculum(index: int, count: int, seconds: tuple[int, int], ramp: float) -> tuple[int, int]:
+    """Clip lengths for batch `index` of `count`: the longest grows from the shortest to seconds[1] over
+    the first `ramp` of the run (short clips first: the few tokens that answer a question stand out)."""
+    lo, hi = seconds
+    if ramp <= 0:
+        return lo, hi
+    return lo, min(hi, lo + round((hi - lo) * index / (ramp * count)))
+
+
 class Batches(torch.utils.data.Dataset):
-    def __init__(self, seed, count, clips, per_clip, tokenizer_dir, held_out=False):
+    def __init__(self, seed, count, clips, per_clip, tokenizer_dir, held_out=False, seconds=tinyshapes.SECONDS,
+                 ramp=0.0, kinds=tinyshapes.QUESTION_KINDS):
         self.args = (seed, count, clips, per_clip, str(tokenizer_dir), held_out)
+        self.seconds, self.ramp, self.kinds = seconds, ramp, kinds
         self.processor = self.vocab = None
 
     def __len__(self):
@@ -122,7 +134,9 @@ class Batches(torch.utils.data.Dataset):
 
             self.processor = hf.default_processor(hf.tokenizer_from_dir(tok_dir), CHAT_TEMPLATE)
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
-        return make_batch(seed, index, clips, per_clip, self.processor, self.vocab, held_out=held_out)
+        lengths = curriculum(index, len(self), self.seconds, self.ramp)
+        return make_batch(seed, index, clips, per_clip, self.processor, self.vocab, held_out=held_out, seconds=lengths,
+                          kinds=self.kinds)
 
 
 def _one_thread(_worker: int) -> None:
@@ -159,9 +173,11 @@ def evaluate(model, loader, device) -> dict:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for batch in loader:
             for kind, (ok, n) in answers_right(step_logits(model, batch, device), batch).items():
-                row = table.setdefault(kind, [0, 0])
-                row[0] += ok
-                row[1] += n
+                keys = [kind] if kind != "all" else ["all", f"all, clips of {batch['seconds']} s"]
+                for key in keys:
+                    row = table.setdefault(key, [0, 0])
+                    row[0] += ok
+                    row[1] += n
     model.train()
     return {k: {"correct": ok, "n": n, "accuracy": ok / n} for k, (ok, n) in sorted(table.items())}
 
@@ -179,8 +195,15 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
     p.add_argument("--workers", type=int, default=8, help="processes making batches")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the accuracy report")
+    p.add_argument("--seconds", default=f"{tinyshapes.SECONDS[0]},{tinyshapes.SECONDS[1]}",
+                   help="clip lengths MIN,MAX in whole seconds (the held-out set uses the same range)")
+    p.add_argument("--ramp", type=float, default=0.3,
+                   help="share of the steps over which the longest clip grows from MIN to MAX (0: no curriculum)")
+    p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
+    p.add_argument("--kinds", default=",".join(tinyshapes.QUESTION_KINDS), help="question kinds to train on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     args = p.parse_args(argv)
+    seconds = tuple(int(x) for x in args.seconds.split(","))
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,7 +221,8 @@ def main(argv=None) -> int:
     print(f"tiny-shapes: {params / 1e6:.2f} M parameters, training on {device}", file=sys.stderr)
 
     def loader(count, held_out, workers):
-        data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out)
+        data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out,
+                       seconds, 0.0 if held_out else args.ramp, tuple(args.kinds.split(",")))
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 
@@ -236,7 +260,7 @@ def main(argv=None) -> int:
             recent[kind][1] += n
         if step % 10 == 0 or done == args.steps:
             curve.append((done, round(time.monotonic() - start, 2), loss))
-        if step % 100 == 0 or done == args.steps:
+        if step % args.report == 0 or done == args.steps:
             right = " ".join(f"{k} {ok / n:.2f}" for k, (ok, n) in sorted(recent.items()))
             print(f"step {done} loss {loss:.4f} lr {lr_at(step):.2e} {time.monotonic() - start:.0f}s | right: {right}",
                   file=sys.stderr, flush=True)
