@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -13,6 +12,7 @@ import torch
 
 from . import hf
 from .errors import UserError
+from .fingerprint import model_fingerprint
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 TINY = "tiny-random"
@@ -106,7 +106,7 @@ class Loaded:
     model_id: str
     device: torch.device
     dtype: torch.dtype
-    fingerprint: str  # sha256 of the config: a snapshot only restores into the same architecture
+    fingerprint: str  # the config and a sample of the weights (fingerprint.py): a snapshot restores only into the same model
     devices: tuple = ()  # every device the model computes on, `device` (where inputs go) first
 
     def __post_init__(self):
@@ -139,14 +139,6 @@ def pick_dtype(dtype: str | None, device: str) -> torch.dtype:
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def config_fingerprint(config) -> str:
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for key in ("_name_or_path", "name_or_path", "transformers_version", "torch_dtype", "dtype", "_attn_implementation"):
-        d.pop(key, None)
-    blob = json.dumps(d, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | None = None,
          device_map: str | dict | None = None, main_device: str | None = None) -> Loaded:
     """Load `model_id`; bad ids, missing weights and an unreachable hub become one-line UserErrors.
@@ -173,10 +165,11 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     else:
         model, processor = _load_real(model_id, dev, dt)
     model.eval()
+    fingerprint = model_fingerprint(model)  # before speed_up, which pads and fuses weights
     if dev.startswith("cuda") and not hf.is_split(model):
         hf.speed_up(model)  # the same function in faster kernels: vision MLP 3420 -> 3456 wide, fused norms
     devices = tuple(hf.model_devices(model)) if hf.is_split(model) else (torch.device(dev),)  # several GPUs: "auto"
-    return Loaded(model, processor, model_id, devices[0], dt, config_fingerprint(model.config), devices)
+    return Loaded(model, processor, model_id, devices[0], dt, fingerprint, devices)
 
 
 def random_config(model_id: str):
@@ -266,10 +259,11 @@ def _load_on_map(model_id: str, device_map: str | dict, main_device, dtype: str 
     except ValueError as exc:
         raise UserError(f"--device-map: {_first_line(exc)}") from exc
     model.eval()
+    fingerprint = model_fingerprint(model)  # before speed_up, which pads and fuses weights
     devices = tuple(hf.model_devices(model))
     if devices[0].type == "cuda" and not hf.is_split(model):
         hf.speed_up(model)
-    return Loaded(model, processor, model_id, devices[0], dt, config_fingerprint(model.config), devices)
+    return Loaded(model, processor, model_id, devices[0], dt, fingerprint, devices)
 
 
 def _load_real(model_id: str, dev: str | None, dt: torch.dtype, device_map=None, offload_folder: str | None = None):

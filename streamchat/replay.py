@@ -73,8 +73,9 @@ def replay_session(
             loaded = (load_model or _default_loader)(row["model_id"], dtype)
         if row.get("config_fingerprint") and row["config_fingerprint"] != loaded.fingerprint:
             raise UserError(
-                f"session {row['name']} was recorded with another config of {row['model_id']} "
-                f"(fingerprint {row['config_fingerprint']}, loaded {loaded.fingerprint}); a replay would compare different models"
+                f"session {row['name']} was recorded with other weights or architecture of {row['model_id']} "
+                f"(fingerprint {row['config_fingerprint']}, loaded {loaded.fingerprint}); a replay would compare different models: "
+                "load the checkpoint it was recorded with"
             )
         source = VideoSource(video_path, config.sampling)
         vocab = Vocab(loaded.tokenizer, config.system_prompt)  # offline needs the layout, not a stream

@@ -12,7 +12,8 @@ mean pre-RoPE keys and the newest page's keys), and str->str metadata:
                              manifest: one immutable file per archived page (written once, by the first
                              snapshot or spill that needs it, never again) with its sha256
     config                   JSON: SessionConfig.to_dict() (sampling, chunking, history mode, ...)
-    model_id, model_fingerprint, dtype, video_sha256, video_path, sampled_fps, total_frames, ...
+    model_id, model_fingerprint (the config and a sample of the weights: fingerprint.py), dtype,
+    video_sha256, video_path, sampled_fps, total_frames, ...
     versions                 JSON: library versions that wrote it
     checksum                 sha256 over the tensor bytes and every other metadata value
 
@@ -281,8 +282,9 @@ class Snapshot:
             raise SnapshotError(f"snapshot {where} was made with model {self.model_id}, not {loaded.model_id}; resume with --model {self.model_id}")
         if self.model_fingerprint != loaded.fingerprint:
             raise SnapshotError(
-                f"snapshot {where} was made with another config of model {self.model_id} "
-                f"(fingerprint {self.model_fingerprint}, loaded model {loaded.fingerprint}); its cache cannot be reused, run the session again"
+                f"snapshot {where} was made with other weights or architecture of model {self.model_id} "
+                f"(fingerprint {self.model_fingerprint}, loaded model {loaded.fingerprint}); its cache does not fit this model: "
+                "load the checkpoint it was made with, or run the session again"
             )
         if self.dtype != dtype_name(loaded.dtype):
             raise SnapshotError(f"snapshot {where} holds {self.dtype} tensors but the model is loaded in {dtype_name(loaded.dtype)}; resume with --dtype {self.dtype}")

@@ -305,7 +305,7 @@ def _rewrite_and_record(path: Path, sid: str, **changes) -> None:
 def test_snapshot_from_another_model_config_exits_2(part, capsys):
     s, snap = part
     _rewrite_and_record(Path(snap["path"]), s["id"], model_fingerprint="0123456789abcdef")
-    assert "another config of model tiny-random" in error_line(capsys, "resume", "part")
+    assert "other weights or architecture of model tiny-random" in error_line(capsys, "resume", "part")
 
 
 def test_snapshot_of_another_format_version_exits_2(part, capsys):

@@ -144,7 +144,7 @@ def test_snapshot_of_another_model_config_is_refused(tiny, clip, config, saved):
     _, written = saved
     other = dataclasses.replace(tiny, fingerprint="0123456789abcdef")
     snap = snapshots.read(written.path)
-    with pytest.raises(SnapshotError, match="another config of model tiny-random"):
+    with pytest.raises(SnapshotError, match="other weights or architecture of model tiny-random"):
         snap.check(other)
     with pytest.raises(SnapshotError, match="--dtype float32"):
         snap.check(dataclasses.replace(tiny, dtype=torch.bfloat16))

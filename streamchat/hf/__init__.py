@@ -37,7 +37,17 @@ from .cache import (
     layer_devices,
     new_cache,
 )
-from .devices import build_on_map, dispatch, execution_device, input_device, is_split, model_devices, resolve_map, vision_device
+from .devices import (
+    build_on_map,
+    dispatch,
+    execution_device,
+    input_device,
+    is_split,
+    model_devices,
+    named_weights,
+    resolve_map,
+    vision_device,
+)
 from .forward import batch_logits, embed_tokens, embed_video, full_forward, lm_forward, lm_head, question_queries, rotary, unrotate
 from .graphs import (
     QuestionPrefill,
@@ -78,5 +88,5 @@ __all__ = [
     "static_decoder", "text_config", "tokenizer_from_dir", "transformers_version",
     "use_fast_vision_rotary", "use_stream_attention", "video_pixels", "vision_config", "vision_graph",
     "vision_tower", "warm_split_plans", "build_on_map", "dispatch", "execution_device", "input_device", "is_split",
-    "model_devices", "resolve_map", "vision_device",
+    "model_devices", "named_weights", "resolve_map", "vision_device",
 ]

@@ -30,8 +30,7 @@ def execution_device(module) -> torch.device:
     """Where `module` computes: its own hook's execution device, else its first tensor's device (if
     not meta), else the execution device of a descendant's hook (an offloaded block hooks each leaf)."""
     for m in module.modules():
-        hook = getattr(m, "_hf_hook", None)
-        for h in getattr(hook, "hooks", None) or ([hook] if hook is not None else []):
+        for h in _hooks(m):
             dev = getattr(h, "execution_device", None)
             if dev is not None:
                 return _as_device(dev)
@@ -67,6 +66,34 @@ def model_devices(model) -> list[torch.device]:
         if dev not in out:
             out.append(dev)
     return out
+
+
+def _hooks(module):
+    hook = getattr(module, "_hf_hook", None)
+    return getattr(hook, "hooks", None) or ([hook] if hook is not None else [])
+
+
+def named_weights(model):
+    """Every parameter by its full name (tied ones under each name) with the tensor that holds its
+    values: the parameter itself, or for a part accelerate offloaded (the parameter reads `meta`) the
+    tensor its hook loads before each forward, from CPU memory or the offload folder. Where no hook
+    holds it, the `meta` parameter itself (its shape, no values)."""
+    stores = []  # accelerate's OffloadedWeightsLoader(s), keyed by full parameter names
+    for m in model.modules():
+        for h in _hooks(m):
+            wm = getattr(h, "weights_map", None)
+            store = getattr(wm, "dataset", wm)  # a PrefixedDataset over the loader
+            if store is not None and all(store is not s for s in stores):
+                stores.append(store)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if param.device.type == "meta":
+            for store in stores:
+                try:
+                    param = store[name]
+                    break
+                except KeyError:
+                    continue
+        yield name, param
 
 
 def resolve_map(model, device_map: str | dict, max_memory: dict | None = None) -> dict:
