@@ -182,7 +182,7 @@ def evaluate(model, loader, device) -> dict:
     return {k: {"correct": ok, "n": n, "accuracy": ok / n} for k, (ok, n) in sorted(table.items())}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streamchat.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="checkpoint directory to write")
@@ -202,6 +202,11 @@ def main(argv=None) -> int:
     p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
     p.add_argument("--kinds", default=",".join(tinyshapes.QUESTION_KINDS), help="question kinds to train on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     seconds = tuple(int(x) for x in args.seconds.split(","))
 
