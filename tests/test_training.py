@@ -1,0 +1,157 @@
+"""The training script for `tiny-shapes` (streamchat/train.py): what it trains on is what streamchat
+streams, its batched forward is the model's own forward, its batches are seeded, and what it writes is an
+ordinary checkpoint directory that loads through the local-directory path. No test trains a model to
+any accuracy; one runs two optimizer steps to check the command end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from streamchat import models, tinyshapes, train
+from streamchat.fingerprint import config_fingerprint
+from streamchat.layout import Vocab
+from streamchat.positions import Cursor
+from streamchat.questions import QA, questions
+
+from reference_qwen import processor_inputs, reference_positions, user
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory):
+    """A freshly initialised tiny-shapes model (float32, CPU), its processor and the layout's vocabulary."""
+    model, processor = tinyshapes.new_model_and_processor(0, tmp_path_factory.mktemp("tok"))
+    model.eval()
+    return model, processor, Vocab(processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
+
+
+def frames_of(scene):
+    return np.stack([scene.frame(t) for t in tinyshapes.frame_times(scene.seconds)])
+
+
+def test_training_prompts_are_the_processors_chat_template_and_qwens_positions(fresh):
+    """Every question the recipe asks about a scene: the prompt the model is trained on is, token for
+    token, what transformers' processor renders with the chat template (Qwen's published one, checked
+    equal to the model's own), and its positions are Qwen's M-RoPE rule computed by the reference."""
+    _, processor, vocab = fresh
+    scene = tinyshapes.training_scene(11, 4)
+    frames = frames_of(scene)
+    asked = questions(scene)
+    assert {qa.kind for qa in asked} == set(tinyshapes.QUESTION_KINDS)
+    for qa in asked:
+        theirs = processor_inputs(processor, [user(qa.question, True)], [frames], fps=tinyshapes.FPS)
+        ids = theirs["input_ids"][0].tolist()
+        ours, pos, start = train.prompt(vocab, len(frames), qa, 8)
+        assert ours[:start] == ids, qa.question
+        assert ours[start:] == vocab.ids(qa.answer) + [vocab.im_end]
+        grid = theirs["video_grid_thw"].tolist()
+        expected = reference_positions(ours, grid, [tinyshapes.interval() / 2], video_pad=vocab.video_pad)
+        assert torch.equal(pos, expected), qa.question
+
+
+def test_positions_by_hand_for_a_two_second_clip(fresh):
+    """Pinned by hand: after the s head tokens, the two temporal patches of a 2 s clip at 2 fps sit at
+    t = s and s + 2 (interval 2: tokens_per_second 2 x 2 frames / 2 fps), rows and columns at s..s+7,
+    and the question resumes at s + 8 (the largest position used, s + 7, plus one)."""
+    _, _, vocab = fresh
+    ids, pos, _ = train.prompt(vocab, 4, QA("word", "What word was shown?", "apple"), 8)
+    s = len(vocab.stream_start())
+    assert pos[:, :s].tolist() == [list(range(s))] * 3
+    video = pos[:, s : s + 128]
+    assert video[0].unique().tolist() == [s, s + 2]
+    assert video[1].unique().tolist() == video[2].unique().tolist() == list(range(s, s + 8))
+    assert video[:, 64 + 8 * 3 + 5].tolist() == [s + 2, s + 3, s + 5]  # second patch, row 3, column 5
+    assert pos[:, s + 128].tolist() == [s + 8] * 3
+    assert ids[s : s + 128] == [vocab.video_pad] * 128 and ids[s + 128] == vocab.vision_end
+    assert Cursor().copy().next_pos == 0  # (the cursor the layout uses starts at 0, as the rule does)
+
+
+def test_the_batched_forward_is_the_models_own_forward(fresh):
+    """A padded batch of prompts of different lengths over two clips, each clip's tower run once: the
+    logits at the answer positions equal stock `model(...)` on each prompt alone, and the video matters."""
+    model, processor, vocab = fresh
+    batch = train.make_batch(3, 0, 2, 3, processor, vocab, h264_share=0.0, seconds=(2, 3))
+    lengths = batch["mask"].sum(1).tolist()
+    assert len(set(lengths)) > 1  # padding is exercised
+    per_clip = batch["grid_thw"].prod(-1).tolist()
+    with torch.no_grad():
+        got = train.step_logits(model, batch, torch.device("cpu"))
+        for b, n in enumerate(lengths):
+            c = batch["clip_of"][b]
+            first = sum(per_clip[:c])
+            out = model(input_ids=batch["ids"][b : b + 1, :n], pixel_values_videos=batch["pixel_values"][first : first + per_clip[c]],
+                        video_grid_thw=batch["grid_thw"][c : c + 1], position_ids=batch["pos"][:, b : b + 1, :n], use_cache=False)
+            rows = (batch["rows"] == b).nonzero().flatten()
+            assert rows.numel() >= 2  # the answer and <|im_end|>
+            torch.testing.assert_close(got[rows], out.logits[0, batch["cols"][rows]], rtol=1e-4, atol=1e-5)
+        other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
+        assert (train.step_logits(model, other, torch.device("cpu")) - got).abs().max() > 1e-3
+    targets = batch["targets"].tolist()
+    for b, n in enumerate(lengths):  # the targets are the answer's tokens, read from the prompt itself
+        rows = (batch["rows"] == b).nonzero().flatten().tolist()
+        assert [targets[r] for r in rows] == batch["ids"][b, n - len(rows) : n].tolist()
+        assert batch["ids"][b, n - 1] == vocab.im_end
+
+
+def test_batches_are_seeded_and_held_out_clips_are_never_trained_on(fresh):
+    _, processor, vocab = fresh
+    a = train.make_batch(5, 2, 2, 2, processor, vocab, seconds=(2, 2))
+    b = train.make_batch(5, 2, 2, 2, processor, vocab, seconds=(2, 2))
+    c = train.make_batch(5, 3, 2, 2, processor, vocab, seconds=(2, 2))
+    assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["ids"], b["ids"])
+    assert not torch.equal(a["pixel_values"], c["pixel_values"])
+    train_seeds = {train.scene_seed(seed, n, False) for seed in (0, 1, 7) for n in range(0, 10**6, 997)}
+    held_seeds = {train.scene_seed(seed, n, True) for seed in (1, 8) for n in range(0, 10**6, 997)}
+    assert max(train_seeds) < train.HELD_OUT <= min(held_seeds)
+
+
+def test_curriculum_grows_the_longest_clip():
+    assert train.curriculum(0, 100, (2, 24), 0.4) == (2, 2)
+    assert train.curriculum(20, 100, (2, 24), 0.4) == (2, 13)
+    assert train.curriculum(40, 100, (2, 24), 0.4) == (2, 24) == train.curriculum(99, 100, (2, 24), 0.4)
+    assert train.curriculum(0, 100, (2, 24), 0.0) == (2, 24)
+
+
+def test_the_h264_round_trip_keeps_the_picture():
+    frames = frames_of(tinyshapes.training_scene(4, 2))
+    back = train.roundtrip(frames)
+    assert back.shape == frames.shape and back.dtype == np.uint8
+    diff = np.abs(back.astype(int) - frames.astype(int))
+    assert 0 < diff.mean() < 3  # codec artefacts, not another picture
+
+
+def test_pick_questions_draws_kinds_uniformly():
+    scene = tinyshapes.training_scene(21, 12)
+    picked = tinyshapes.pick_questions(scene, random.Random(0), 2000)
+    counts = {k: sum(q.kind == k for q in picked) for k in tinyshapes.QUESTION_KINDS}
+    assert all(300 < n < 500 for n in counts.values()), counts  # 400 each; colour questions are 3x as many
+    assert tinyshapes.pick_questions(scene, random.Random(0), 5, ("word",)) == [q for q in questions(scene) if q.kind == "word"] * 5
+
+
+def test_the_command_writes_a_checkpoint_that_loads_as_a_local_directory(tmp_path, capsys):
+    """Two optimizer steps, then the directory loads through `--model DIR` (the local-checkpoint path):
+    same architecture, the tokenizer and chat template from the directory, and another seed gives other
+    weights under the same config, which the snapshot fingerprint tells apart."""
+    outs = []
+    for seed in (0, 1):
+        out = tmp_path / f"ckpt{seed}"
+        assert train.main(["--out", str(out), "--steps", "2", "--clips", "1", "--questions", "2", "--workers", "0",
+                           "--eval-batches", "1", "--device", "cpu", "--seconds", "2,2", "--warmup", "1",
+                           "--seed", str(seed)]) == 0
+        outs.append(out)
+    names = {p.name for p in outs[0].iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "loss.csv", "training.json"} <= names
+    record = json.loads((outs[0] / "training.json").read_text())
+    assert record["steps_done"] == 2 and record["device"] == "cpu" and "all" in record["held_out_accuracy"]
+    assert (outs[0] / "loss.csv").read_text().splitlines()[0] == "step,seconds,loss"
+    a = models.load(str(outs[0]), device="cpu", dtype="float32")
+    b = models.load(str(outs[1]), device="cpu", dtype="float32")
+    assert a.model_id == str(outs[0]) and a.processor.chat_template == (outs[0] / "chat_template.jinja").read_text()
+    assert a.model.config.vision_config.fullatt_block_indexes == tinyshapes.VISION["fullatt_block_indexes"]
+    assert config_fingerprint(a.model.config) == config_fingerprint(b.model.config)
+    assert a.fingerprint != b.fingerprint
