@@ -77,3 +77,24 @@ def long_stream_plot(minutes: list[dict], path: Path) -> Path:
         ax.set_xlabel("stream time (minutes)")
     fig.suptitle("Long stream under the memory policy")
     return _save(fig, path)
+
+
+def loss_plot(curves: dict[str, list[tuple[int, float]]], path: Path, title: str = "training loss") -> Path:
+    """Training loss against optimizer step, one line per run (the answer tokens' cross entropy)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for label, points in curves.items():
+        xs, ys = zip(*sorted(points)) if points else ((), ())
+        ax.plot(xs, ys, linewidth=1.0, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross entropy (nats / answer token)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.set_ylim(bottom=0)
+    if len(curves) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, path)

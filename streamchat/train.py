@@ -284,6 +284,9 @@ def main(argv=None) -> int:
     processor.save_pretrained(out)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     (out / "loss.csv").write_text("step,seconds,loss\n" + "".join(f"{s},{t},{v:.5f}\n" for s, t, v in curve))
+    from .plots import loss_plot
+
+    loss_plot({f"seed {args.seed}": [(s, v) for s, _, v in curve]}, out / "loss.png", f"tiny-shapes training loss ({card})")
     (out / "training.json").write_text(json.dumps(dict(
         command="python -m streamchat.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         settings=vars(args), steps_done=done, parameters=params, device=card, torch=torch.__version__,

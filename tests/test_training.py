@@ -145,7 +145,7 @@ def test_the_command_writes_a_checkpoint_that_loads_as_a_local_directory(tmp_pat
                            "--seed", str(seed)]) == 0
         outs.append(out)
     names = {p.name for p in outs[0].iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "loss.csv", "training.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", "loss.csv", "loss.png", "training.json"} <= names
     record = json.loads((outs[0] / "training.json").read_text())
     assert record["steps_done"] == 2 and record["device"] == "cpu" and "all" in record["held_out_accuracy"]
     assert (outs[0] / "loss.csv").read_text().splitlines()[0] == "step,seconds,loss"
