@@ -138,6 +138,32 @@ def build_tokenizer(out_dir: Path, qwen_ids: bool = False, corpus: list[str] = C
     return tokenizer
 
 
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=32768, rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
+VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, out_hidden_size=64, fullatt_block_indexes=[1],
+              patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=112,
+              tokens_per_second=2)  # tokens_per_second: the value in the real Qwen2.5-VL checkpoints
+
+
+def toy_config(tokenizer, text: dict, vision: dict):
+    """A Qwen2.5-VL config for a toy model over `tokenizer` (its size and special-token ids, untied head)."""
+    from . import hf
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    special = dict(eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], bos_token_id=None,
+                   tie_word_embeddings=False)
+    return hf.qwen25vl_config(
+        text_config=dict(text, vocab_size=len(tokenizer), **special),
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **special,
+    )
+
+
 def build_tiny():
     """Return (model, processor) for `tiny-random`: float32, on the CPU, same weights every call."""
     import torch
@@ -146,45 +172,7 @@ def build_tiny():
 
     with tempfile.TemporaryDirectory(prefix="streamchat-tiny-") as tmp:
         tokenizer = build_tokenizer(Path(tmp))
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = hf.qwen25vl_config(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=32768,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-            bos_token_id=None,
-        ),
-        vision_config=dict(
-            depth=2,
-            hidden_size=64,
-            intermediate_size=128,
-            num_heads=4,
-            out_hidden_size=64,
-            fullatt_block_indexes=[1],
-            patch_size=14,
-            temporal_patch_size=2,
-            spatial_merge_size=2,
-            window_size=112,
-            tokens_per_second=2,  # the value in the real Qwen2.5-VL checkpoints
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
+    config = toy_config(tokenizer, TEXT, VISION)
     config.name_or_path = "tiny-random"
     fork_devices = []  # keep the global RNG untouched for callers
     with torch.random.fork_rng(devices=fork_devices):

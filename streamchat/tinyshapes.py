@@ -43,25 +43,17 @@ CORPUS = [
 ]
 
 
-def text_config(vocab_size: int, ids: dict[str, int]) -> dict:
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=32768,
-        # head_dim 32: 16 rotary pairs split t/h/w in the real model's 16:24:24 proportion
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=None,
-    )
-
-
+TEXT = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=6,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    max_position_embeddings=32768,
+    # head_dim 32: 16 rotary pairs split t/h/w in the real model's 16:24:24 proportion
+    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
+    rms_norm_eps=1e-6,
+)
 VISION = dict(
     depth=4,
     hidden_size=128,
@@ -83,22 +75,10 @@ def new_model_and_processor(seed: int, tokenizer_dir: Path):
     import torch
 
     from . import hf
-    from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
+    from .tiny import CHAT_TEMPLATE, build_tokenizer, toy_config
 
     tokenizer = build_tokenizer(tokenizer_dir, corpus=CORPUS, vocab_size=VOCAB_SIZE)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    config = hf.qwen25vl_config(
-        text_config=text_config(len(tokenizer), ids),
-        vision_config=VISION,
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-        eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        bos_token_id=None,
-        tie_word_embeddings=False,
-    )
+    config = toy_config(tokenizer, TEXT, VISION)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = hf.new_model(config)

@@ -189,7 +189,8 @@ def evaluate(model, loader, device) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m streamchat.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True, help="checkpoint directory to write")
+    p.add_argument("--out", required=True, help="checkpoint directory to write (new or empty, unless --force)")
+    p.add_argument("--force", action="store_true", help="write into --out even if it holds files")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes of training")
     p.add_argument("--clips", type=int, default=12, help="clips per batch")
@@ -212,7 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
-    seconds = tuple(int(x) for x in args.seconds.split(","))
+    try:
+        seconds = tuple(int(x) for x in args.seconds.split(","))
+    except ValueError:
+        seconds = ()
+    if len(seconds) != 2 or not 2 <= seconds[0] <= seconds[1]:
+        p.error(f"--seconds {args.seconds}: give MIN,MAX whole seconds with 2 <= MIN <= MAX, e.g. 2,24")
+    kinds = tuple(args.kinds.split(","))
+    if not set(kinds) <= set(tinyshapes.QUESTION_KINDS):
+        p.error(f"--kinds {args.kinds}: each must be one of {', '.join(tinyshapes.QUESTION_KINDS)}")
+    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
+        p.error(f"--out {args.out} exists and is not empty; pick another directory or add --force to overwrite")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -231,7 +242,7 @@ def main(argv=None) -> int:
 
     def loader(count, held_out, workers):
         data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out,
-                       seconds, 0.0 if held_out else args.ramp, tuple(args.kinds.split(",")))
+                       seconds, 0.0 if held_out else args.ramp, kinds)
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 

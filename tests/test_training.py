@@ -155,3 +155,24 @@ def test_the_command_writes_a_checkpoint_that_loads_as_a_local_directory(tmp_pat
     assert a.model.config.vision_config.fullatt_block_indexes == tinyshapes.VISION["fullatt_block_indexes"]
     assert config_fingerprint(a.model.config) == config_fingerprint(b.model.config)
     assert a.fingerprint != b.fingerprint
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--seconds", "5"], "--seconds 5: give MIN,MAX"),
+    (["--seconds", "9,4"], "--seconds 9,4: give MIN,MAX"),
+    (["--kinds", "word,weather"], "--kinds word,weather: each must be one of"),
+    (["--clips", "x"], "--clips: invalid int value"),
+])
+def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, args, says):
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--out", str(tmp_path / "new"), *args])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "new").exists()
+
+
+def test_an_existing_checkpoint_is_not_overwritten_without_force(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--out", str(tmp_path), "--steps", "1", "--device", "cpu"])
+    assert exit_.value.code == 2 and "add --force" in capsys.readouterr().err
+    assert (tmp_path / "config.json").read_text() == "{}"

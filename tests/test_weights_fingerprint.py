@@ -19,15 +19,7 @@ from streamchat.snapshots import SnapshotError
 from streamchat.stream import Stream
 from streamchat.video import Sampling, VideoSource, sha256_file
 
-CPU_DISK = {  # the vision tower, a decoder layer and the head offloaded: their parameters read `meta`
-    "model.visual": "disk",
-    "model.language_model.embed_tokens": "cpu",
-    "model.language_model.layers.0": "cpu",
-    "model.language_model.layers.1": "disk",
-    "model.language_model.norm": "cpu",
-    "model.language_model.rotary_emb": "cpu",
-    "lm_head": "disk",
-}
+from test_multi_device import CPU_DISK  # the vision tower, a decoder layer and the head offloaded
 PERTURBED = "model.language_model.layers.1.mlp.down_proj.weight"
 
 
