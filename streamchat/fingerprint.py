@@ -23,6 +23,20 @@ def config_fingerprint(config) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def legacy_fingerprint(config) -> str:
+    """The fingerprint snapshots and session rows carried before weights were fingerprinted (streamchat
+    before 2026-12-02): sha256 of the config without the top-level VOLATILE keys. Such a record can
+    only be checked against the architecture; restore and replay accept it with a warning."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    for key in VOLATILE:
+        d.pop(key, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+LEGACY_WARNING = ("{what} was made before streamchat fingerprinted weights: only the architecture of {model} could be "
+                  "checked, not that its weights are the ones loaded now")
+
+
 def _architecture(value):
     if isinstance(value, dict):
         return {k: _architecture(v) for k, v in value.items() if k not in VOLATILE}

@@ -12,7 +12,7 @@ import torch
 
 from . import hf
 from .errors import UserError
-from .fingerprint import model_fingerprint
+from .fingerprint import legacy_fingerprint, model_fingerprint
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 TINY = "tiny-random"
@@ -108,6 +108,7 @@ class Loaded:
     dtype: torch.dtype
     fingerprint: str  # the config and a sample of the weights (fingerprint.py): a snapshot restores only into the same model
     devices: tuple = ()  # every device the model computes on, `device` (where inputs go) first
+    legacy_fingerprint: str = ""  # what records made before weights were fingerprinted carry (fingerprint.py)
 
     def __post_init__(self):
         if not self.devices:
@@ -169,7 +170,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
     if dev.startswith("cuda") and not hf.is_split(model):
         hf.speed_up(model)  # the same function in faster kernels: vision MLP 3420 -> 3456 wide, fused norms
     devices = tuple(hf.model_devices(model)) if hf.is_split(model) else (torch.device(dev),)  # several GPUs: "auto"
-    return Loaded(model, processor, model_id, devices[0], dt, fingerprint, devices)
+    return Loaded(model, processor, model_id, devices[0], dt, fingerprint, devices, legacy_fingerprint(model.config))
 
 
 def random_config(model_id: str):
@@ -263,7 +264,7 @@ def _load_on_map(model_id: str, device_map: str | dict, main_device, dtype: str 
     devices = tuple(hf.model_devices(model))
     if devices[0].type == "cuda" and not hf.is_split(model):
         hf.speed_up(model)
-    return Loaded(model, processor, model_id, devices[0], dt, fingerprint, devices)
+    return Loaded(model, processor, model_id, devices[0], dt, fingerprint, devices, legacy_fingerprint(model.config))
 
 
 def _load_real(model_id: str, dev: str | None, dt: torch.dtype, device_map=None, offload_folder: str | None = None):

@@ -71,7 +71,7 @@ def replay_session(
         dtype = next((t["extra"].get("dtype") for t in turns if t["extra"].get("dtype")), None)
         if loaded is None:
             loaded = (load_model or _default_loader)(row["model_id"], dtype)
-        if row.get("config_fingerprint") and row["config_fingerprint"] != loaded.fingerprint:
+        if row.get("config_fingerprint") and row["config_fingerprint"] not in (loaded.fingerprint, loaded.legacy_fingerprint):
             raise UserError(
                 f"session {row['name']} was recorded with other weights or architecture of {row['model_id']} "
                 f"(fingerprint {row['config_fingerprint']}, loaded {loaded.fingerprint}); a replay would compare different models: "

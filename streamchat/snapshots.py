@@ -241,6 +241,7 @@ class Snapshot:
     state: dict
     config: SessionConfig
     tensors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # the others (book.*)
+    legacy: bool = False  # `check` accepted it by the fingerprint of a streamchat that did not hash weights
 
     @property
     def model_id(self) -> str:
@@ -267,9 +268,13 @@ class Snapshot:
         return int(self.state["cache_tokens"])
 
     def version_warnings(self) -> list[str]:
-        """Libraries that changed since the snapshot was written (continuation may then differ in the last bits)."""
+        """Libraries that changed since the snapshot was written (continuation may then differ in the last bits),
+        and, for a snapshot from before weights were fingerprinted that `check` accepted, that its weights went unchecked."""
+        from .fingerprint import LEGACY_WARNING
+
         now, then = versions(), self.versions
-        return [
+        legacy = [LEGACY_WARNING.format(what=f"snapshot {self.path.name}", model=self.model_id)] if self.legacy else []
+        return legacy + [
             f"snapshot written with {lib} {then[lib]}, running {now[lib]}; answers may differ slightly"
             for lib in ("torch", "transformers")
             if lib in then and then[lib] != now.get(lib)
@@ -280,7 +285,8 @@ class Snapshot:
         where = self.path.name
         if self.model_id != loaded.model_id:
             raise SnapshotError(f"snapshot {where} was made with model {self.model_id}, not {loaded.model_id}; resume with --model {self.model_id}")
-        if self.model_fingerprint != loaded.fingerprint:
+        self.legacy = bool(loaded.legacy_fingerprint) and self.model_fingerprint == loaded.legacy_fingerprint
+        if self.model_fingerprint != loaded.fingerprint and not self.legacy:
             raise SnapshotError(
                 f"snapshot {where} was made with other weights or architecture of model {self.model_id} "
                 f"(fingerprint {self.model_fingerprint}, loaded model {loaded.fingerprint}); its cache does not fit this model: "

@@ -142,3 +142,28 @@ def test_resume_after_the_checkpoint_changed_exits_2_and_replay_refuses(tiny, cl
         error = err.splitlines()[-1]  # before it, transformers' "Loading weights" bar for a checkpoint directory
         assert rc == 2 and out == "" and error.startswith("streamchat: error: "), (argv, rc, err)
         assert "Traceback" not in err and f"other weights or architecture of {ckpt}" in error.replace("model ", ""), err
+
+
+# --- records made before weights were fingerprinted ----------------------------------------------------
+
+
+def test_the_legacy_fingerprint_is_what_streamchat_recorded_before(tiny):
+    """Pinned from the code before this change (commit 1c5e71a: `load("tiny-random", device="cpu",
+    dtype="float32").fingerprint`, the config hash alone)."""
+    assert tiny.legacy_fingerprint == "50b3f1238f3395f2" != tiny.fingerprint
+
+
+def test_a_snapshot_from_before_restores_with_a_warning_and_another_one_is_refused(tiny, clip, tmp_path):
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=4), max_new_tokens=8).validate()
+    stream = Stream(tiny, VideoSource(clip, config.sampling), config)
+    stream.encode_until(stream.frames_at(1.0))
+    written = snapshots.save(stream, tmp_path / "snapshot-1.safetensors", video_path=str(clip), video_sha256=sha256_file(clip))
+    # the model now loaded fingerprints weights; the snapshot's fingerprint is what the old code recorded for it
+    now = dataclasses.replace(tiny, fingerprint="f" * 16, legacy_fingerprint=tiny.fingerprint)
+    target = Stream(now, VideoSource(clip, config.sampling), config)
+    snap = snapshots.load(written.path, target)
+    assert target.engine.cache_tokens == stream.engine.cache_tokens
+    assert snap.legacy and "made before streamchat fingerprinted weights" in snap.version_warnings()[0]
+    other = dataclasses.replace(tiny, fingerprint="f" * 16, legacy_fingerprint="e" * 16)
+    with pytest.raises(SnapshotError, match="other weights or architecture"):
+        snapshots.load(written.path, Stream(other, VideoSource(clip, config.sampling), config))
