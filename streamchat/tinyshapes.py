@@ -96,12 +96,12 @@ class Example:
     qas: list  # questions.QA
 
 
-def training_scene(seed: int, seconds: int | None = None) -> Scene:
-    """The clip of training example `seed` (held-out sets use seeds training never draws)."""
+def training_scene(seed: int, seconds: int | None = None, size: int = SIZE) -> Scene:
+    """The clip of training example `seed` (held-out sets use seeds training never draws), size x size pixels."""
     rng = random.Random(seed * 7919 + 17)
     if seconds is None:
         seconds = rng.randint(*SECONDS)
-    return generate(seed, seconds=float(seconds), width=SIZE, height=SIZE, shapes=rng.choice((2, 3, 3)),
+    return generate(seed, seconds=float(seconds), width=size, height=size, shapes=rng.choice((2, 3, 3)),
                     flashes=rng.randint(0, 5), words=1, colour_changes=rng.randint(0, 2))
 
 

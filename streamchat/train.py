@@ -75,13 +75,13 @@ def scene_seed(seed: int, n: int, held_out: bool) -> int:
 
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
-               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS) -> dict:
+               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE) -> dict:
     """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range): tensors on the CPU."""
     rng = random.Random(seed * 1_000_003 + index)
     seconds = rng.randint(*seconds)
     pixels, grids, seqs = [], [], []
     for c in range(clips):
-        scene = tinyshapes.training_scene(scene_seed(seed, index * clips + c, held_out), seconds)
+        scene = tinyshapes.training_scene(scene_seed(seed, index * clips + c, held_out), seconds, size)
         frames = clip_frames(scene, rng.random() < h264_share)
         pv, grid = hf.video_pixels(processor, frames)
         pixels.append(pv)
@@ -123,9 +123,9 @@ def curriculum(index: int, count: int, seconds: tuple[int, int], ramp: float) ->
 
 class Batches(torch.utils.data.Dataset):
     def __init__(self, seed, count, clips, per_clip, tokenizer_dir, held_out=False, seconds=tinyshapes.SECONDS,
-                 ramp=0.0, kinds=tinyshapes.QUESTION_KINDS):
+                 ramp=0.0, kinds=tinyshapes.QUESTION_KINDS, size=tinyshapes.SIZE):
         self.args = (seed, count, clips, per_clip, str(tokenizer_dir), held_out)
-        self.seconds, self.ramp, self.kinds = seconds, ramp, kinds
+        self.seconds, self.ramp, self.kinds, self.size = seconds, ramp, kinds, size
         self.processor = self.vocab = None
 
     def __len__(self):
@@ -140,7 +140,7 @@ class Batches(torch.utils.data.Dataset):
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
         lengths = curriculum(index, len(self), self.seconds, self.ramp)
         return make_batch(seed, index, clips, per_clip, self.processor, self.vocab, held_out=held_out, seconds=lengths,
-                          kinds=self.kinds)
+                          kinds=self.kinds, size=self.size)
 
 
 def _one_thread(_worker: int) -> None:
@@ -205,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ramp", type=float, default=0.3,
                    help="share of the steps over which the longest clip grows from MIN to MAX (0: no curriculum)")
     p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
+    p.add_argument("--size", type=int, default=tinyshapes.SIZE, help="frame width and height in pixels (a multiple of 28)")
     p.add_argument("--kinds", default=",".join(tinyshapes.QUESTION_KINDS), help="question kinds to train on")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     return p
@@ -219,6 +220,8 @@ def main(argv=None) -> int:
         seconds = ()
     if len(seconds) != 2 or not 2 <= seconds[0] <= seconds[1]:
         p.error(f"--seconds {args.seconds}: give MIN,MAX whole seconds with 2 <= MIN <= MAX, e.g. 2,24")
+    if args.size < 56 or args.size % 28:
+        p.error(f"--size {args.size}: give a multiple of 28 of at least 56 (frames are cut into 28-pixel merged patches)")
     kinds = tuple(args.kinds.split(","))
     if not set(kinds) <= set(tinyshapes.QUESTION_KINDS):
         p.error(f"--kinds {args.kinds}: each must be one of {', '.join(tinyshapes.QUESTION_KINDS)}")
@@ -242,7 +245,7 @@ def main(argv=None) -> int:
 
     def loader(count, held_out, workers):
         data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out,
-                       seconds, 0.0 if held_out else args.ramp, kinds)
+                       seconds, 0.0 if held_out else args.ramp, kinds, args.size)
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 
