@@ -23,7 +23,7 @@ CHECKPOINT = Path(__file__).parent / "checkpoints" / NAME
 # What the model was trained on: these and nothing else (the model card says so).
 FPS = 2.0  # streamchat's default sampling
 SIZE = 224  # frames are 224x224: an 8x8 merged grid, 64 tokens per temporal patch (one second)
-SECONDS = (4, 24)  # clip lengths, whole seconds, uniform
+SECONDS = (2, 24)  # clip lengths, whole seconds (the curriculum starts at the shortest)
 SYSTEM_PROMPT = "You are a helpful assistant."  # SessionConfig's default: the head every prompt starts with
 QUESTION_KINDS = ("colour", "word", "flashes", "order", "count")
 

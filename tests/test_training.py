@@ -110,11 +110,17 @@ def test_batches_are_seeded_and_held_out_clips_are_never_trained_on(fresh):
     assert max(train_seeds) < train.HELD_OUT <= min(held_seeds)
 
 
-def test_curriculum_grows_the_longest_clip():
-    assert train.curriculum(0, 100, (2, 24), 0.4) == (2, 2)
-    assert train.curriculum(20, 100, (2, 24), 0.4) == (2, 13)
-    assert train.curriculum(40, 100, (2, 24), 0.4) == (2, 24) == train.curriculum(99, 100, (2, 24), 0.4)
-    assert train.curriculum(0, 100, (2, 24), 0.0) == (2, 24)
+def test_curriculum_looks_first_then_grows_the_longest_clip():
+    every = tinyshapes.QUESTION_KINDS
+    assert train.curriculum(0, 100, (2, 24), 0.4) == ((2, 2), every)
+    assert train.curriculum(20, 100, (2, 24), 0.4) == ((2, 13), every)
+    assert train.curriculum(40, 100, (2, 24), 0.4) == ((2, 24), every) == train.curriculum(99, 100, (2, 24), 0.4)
+    assert train.curriculum(0, 100, (2, 24), 0.0) == ((2, 24), every)
+    # a first stage of short clips and questions no prior answers, then the ramp starts from there
+    assert train.curriculum(19, 100, (2, 24), 0.4, first=0.2) == ((2, 2), ("colour", "word"))
+    assert train.curriculum(20, 100, (2, 24), 0.4, first=0.2) == ((2, 2), every)
+    assert train.curriculum(40, 100, (2, 24), 0.4, first=0.2) == ((2, 13), every)
+    assert train.curriculum(5, 100, (2, 24), 0.4, 0.2, ("count", "order")) == ((2, 2), ("count", "order"))
 
 
 def test_the_h264_round_trip_keeps_the_picture():
