@@ -116,3 +116,19 @@ def test_make_clip_scene_shapes_writes_the_clip_and_its_ground_truth(capsys, tmp
     assert doc["seed"] == 9 and truth == generate(9, seconds=3.0).to_json() == doc["ground_truth"]
     assert len(decoded(clip)) == 24
     assert "--scene shapes" in error_line(capsys, "make-clip", tmp_path / "d.mp4", "--seed", 3)
+
+
+def test_the_clock_strip_shows_whole_seconds_above_the_lanes():
+    from streamchat.scenes import CLOCK, clock
+
+    scene = generate(5, seconds=20.0)
+    strip = int(scene.height * CLOCK)
+    assert scene.clock and clock(12.7) == "00:12" and clock(75) == "01:15"
+    a, b, c = (scene.frame(t)[:strip] for t in (3.0, 3.5, 4.0))
+    assert (a == 255).all(axis=-1).sum() > 20  # white digits drawn
+    assert np.array_equal(a, b) and not np.array_equal(a, c)  # one second, one picture; the next second differs
+    for kind in (s.kind for s in scene.shapes):  # the lanes start below the strip
+        assert scene._lane(scene.shape(kind).lane)[0] >= strip
+    plain = Scene.from_json({**scene.to_json(), "clock": False})
+    assert plain._lane(0)[0] == 0.0  # without a clock the lanes take the top rows
+    assert Scene.from_json({k: v for k, v in scene.to_json().items() if k != "clock"}).clock is False  # older ground truth
