@@ -91,12 +91,14 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
         for qa in tinyshapes.pick_questions(scene, rng, per_clip, kinds):
             ids, pos, start = prompt(vocab, len(frames), qa, g)
             seqs.append((c, ids, pos, start, qa.kind))
+    if not seqs:
+        raise ValueError(f"no question of the kinds {', '.join(kinds)} fits {clips} clip(s) of {seconds} s; ask other kinds or longer clips")
     width = max(len(s[1]) for s in seqs)
     pad = vocab.tok.convert_tokens_to_ids("<|endoftext|>")
     ids = torch.full((len(seqs), width), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     pos = torch.zeros((3, len(seqs), width), dtype=torch.long)
-    rows, cols, targets, kinds = [], [], [], []
+    rows, cols, targets, target_kinds = [], [], [], []
     for b, (c, s_ids, s_pos, start, kind) in enumerate(seqs):
         n = len(s_ids)
         ids[b, :n] = torch.tensor(s_ids)
@@ -107,10 +109,10 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
             rows.append(b)
             cols.append(j - 1)
             targets.append(s_ids[j])
-            kinds.append(kind)
+            target_kinds.append(kind)
     return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=[s[0] for s in seqs], ids=ids,
                 mask=mask, pos=pos, rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
-                kinds=kinds, seconds=seconds)
+                kinds=target_kinds, seconds=seconds)
 
 
 FIRST_KINDS = ("word", "colour")  # questions no text prior answers: the model has to look
@@ -135,25 +137,27 @@ def curriculum(index: int, count: int, seconds: tuple[int, int], ramp: float, fi
 
 
 class Batches(torch.utils.data.Dataset):
-    def __init__(self, seed, count, clips, per_clip, tokenizer_dir, held_out=False, seconds=tinyshapes.SECONDS,
-                 ramp=0.0, kinds=tinyshapes.QUESTION_KINDS, size=tinyshapes.SIZE, first=0.0):
-        self.args = (seed, count, clips, per_clip, str(tokenizer_dir), held_out)
-        self.seconds, self.ramp, self.kinds, self.size, self.first = seconds, ramp, kinds, size, first
+    """Batch i of a run, made in whichever worker process asks for it (each builds its own processor)."""
+
+    def __init__(self, seed: int, count: int, clips: int, per_clip: int, tokenizer_dir: Path, *, held_out: bool = False,
+                 seconds: tuple[int, int] = tinyshapes.SECONDS, ramp: float = 0.0, first: float = 0.0,
+                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE):
+        self.seed, self.count, self.clips, self.per_clip, self.tokenizer_dir = seed, count, clips, per_clip, str(tokenizer_dir)
+        self.held_out, self.seconds, self.ramp, self.first, self.kinds, self.size = held_out, seconds, ramp, first, kinds, size
         self.processor = self.vocab = None
 
     def __len__(self):
-        return self.args[1]
+        return self.count
 
     def __getitem__(self, index):
-        seed, _, clips, per_clip, tok_dir, held_out = self.args
-        if self.processor is None:  # one per worker process
+        if self.processor is None:
             from .tiny import CHAT_TEMPLATE
 
-            self.processor = hf.default_processor(hf.tokenizer_from_dir(tok_dir), CHAT_TEMPLATE)
+            self.processor = hf.default_processor(hf.tokenizer_from_dir(self.tokenizer_dir), CHAT_TEMPLATE)
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
-        lengths, kinds = curriculum(index, len(self), self.seconds, self.ramp, self.first, self.kinds)
-        return make_batch(seed, index, clips, per_clip, self.processor, self.vocab, held_out=held_out, seconds=lengths,
-                          kinds=kinds, size=self.size)
+        lengths, kinds = curriculum(index, self.count, self.seconds, self.ramp, self.first, self.kinds)
+        return make_batch(self.seed, index, self.clips, self.per_clip, self.processor, self.vocab, held_out=self.held_out,
+                          seconds=lengths, kinds=kinds, size=self.size)
 
 
 def _one_thread(_worker: int) -> None:
@@ -259,8 +263,9 @@ def main(argv=None) -> int:
     print(f"tiny-shapes: {params / 1e6:.2f} M parameters, training on {device}", file=sys.stderr)
 
     def loader(count, held_out, workers):
-        data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out,
-                       seconds, 0.0 if held_out else args.ramp, kinds, args.size, 0.0 if held_out else args.first)
+        data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out=held_out,
+                       seconds=seconds, ramp=0.0 if held_out else args.ramp, first=0.0 if held_out else args.first,
+                       kinds=kinds, size=args.size)
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 
