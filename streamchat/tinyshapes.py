@@ -96,6 +96,14 @@ class Example:
     qas: list  # questions.QA
 
 
+HELD_OUT = 10_000_000  # held-out clips use scene seeds from here on; training draws seeds below it
+
+
+def scene_seed(seed: int, n: int, held_out: bool) -> int:
+    """The scene seed of a run's n-th clip: below HELD_OUT for training, from HELD_OUT on for held-out sets."""
+    return HELD_OUT + n * 1009 + seed if held_out else (n * 1009 + seed) % HELD_OUT
+
+
 def training_scene(seed: int, seconds: int | None = None, size: int = SIZE) -> Scene:
     """The clip of training example `seed` (held-out sets use seeds training never draws), size x size pixels."""
     rng = random.Random(seed * 7919 + 17)

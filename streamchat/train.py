@@ -35,7 +35,7 @@ from . import hf, tinyshapes
 from .layout import TextSeg, Vocab, one_turn, render
 from .questions import QA
 
-HELD_OUT = 10_000_000  # held-out clips use seeds from here on; training draws seeds below it
+HELD_OUT = tinyshapes.HELD_OUT
 
 
 def roundtrip(frames: np.ndarray) -> np.ndarray:
@@ -69,11 +69,6 @@ def prompt(vocab: Vocab, frames: int, qa: QA, grid: int) -> tuple[list[int], tor
     return ids, pos, len(ids) - len(answer)
 
 
-def scene_seed(seed: int, n: int, held_out: bool) -> int:
-    """The scene seed of the run's n-th clip: below HELD_OUT for training, from HELD_OUT on for held-out sets."""
-    return HELD_OUT + n * 1009 + seed if held_out else (n * 1009 + seed) % HELD_OUT
-
-
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
                kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE) -> dict:
@@ -82,7 +77,7 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
     seconds = rng.randint(*seconds)
     pixels, grids, seqs = [], [], []
     for c in range(clips):
-        scene = tinyshapes.training_scene(scene_seed(seed, index * clips + c, held_out), seconds, size)
+        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size)
         frames = clip_frames(scene, rng.random() < h264_share)
         pv, grid = hf.video_pixels(processor, frames)
         pixels.append(pv)

@@ -105,9 +105,9 @@ def test_batches_are_seeded_and_held_out_clips_are_never_trained_on(fresh):
     c = train.make_batch(5, 3, 2, 2, processor, vocab, seconds=(2, 2))
     assert torch.equal(a["pixel_values"], b["pixel_values"]) and torch.equal(a["ids"], b["ids"])
     assert not torch.equal(a["pixel_values"], c["pixel_values"])
-    train_seeds = {train.scene_seed(seed, n, False) for seed in (0, 1, 7) for n in range(0, 10**6, 997)}
-    held_seeds = {train.scene_seed(seed, n, True) for seed in (1, 8) for n in range(0, 10**6, 997)}
-    assert max(train_seeds) < train.HELD_OUT <= min(held_seeds)
+    train_seeds = {tinyshapes.scene_seed(seed, n, False) for seed in (0, 1, 7) for n in range(0, 10**6, 997)}
+    held_seeds = {tinyshapes.scene_seed(seed, n, True) for seed in (1, 8) for n in range(0, 10**6, 997)}
+    assert max(train_seeds) < tinyshapes.HELD_OUT <= min(held_seeds)
 
 
 def test_curriculum_looks_first_then_grows_the_longest_clip():
