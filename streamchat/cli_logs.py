@@ -16,7 +16,7 @@ from .errors import UserError
 def register_logs(sub) -> None:
     p = sub.add_parser("logs", help="the latest logged turns (or runs), like `llm logs`; `logs path`: where the store is",
                        description="Show the latest logged questions and answers, newest last. `streamchat logs path` prints "
-                                   "where the database is; --runs lists compare, bench and replay runs instead of turns.")
+                                   "where the database is; --runs lists compare, bench, replay and eval runs instead of turns.")
     p.add_argument("-n", "--count", type=int, default=3, metavar="N", help="how many turns (or runs); 0 for all (default: 3)")
     p.add_argument("-q", "--query", default=None, metavar="TEXT", help="only turns whose question or answer has every word of TEXT (default: all)")
     p.add_argument("-m", "--model", default=None, metavar="MODEL", help="only turns of sessions with this model id, e.g. tiny-random (default: every model)")
@@ -25,8 +25,8 @@ def register_logs(sub) -> None:
     p.add_argument("-r", "--response", action="store_true", help="print only the last matching answer's text (default: whole turns)")
     p.add_argument("-s", "--short", action="store_true", help="one line per turn: time, session, question and answer, truncated (default: whole turns)")
     p.add_argument("-t", "--truncate", action="store_true", help="cut questions and answers to 100 characters (default: whole)")
-    p.add_argument("--runs", action="store_true", help="list logged runs (compare, bench, replay) instead of turns (default: turns)")
-    p.add_argument("--kind", choices=["compare", "bench", "replay"], default=None, help="with --runs: only runs of this kind (default: all)")
+    p.add_argument("--runs", action="store_true", help="list logged runs (compare, bench, replay, eval) instead of turns (default: turns)")
+    p.add_argument("--kind", choices=["compare", "bench", "replay", "eval"], default=None, help="with --runs: only runs of this kind (default: all)")
     add_output_options(p)
     p.set_defaults(func=cmd_logs, logs_command=None)
     actions = p.add_subparsers(dest="logs_command", metavar="ACTION", parser_class=Parser)
@@ -133,4 +133,9 @@ def _run_summary(r: dict) -> str:
     if r["kind"] == "compare":
         m = rep.get("match") or {}
         return f"{Path(rep.get('video') or '').name} {rep.get('model')}: identical {m.get('identical')}, first divergence {m.get('first_divergence')}"
+    if r["kind"] == "eval" and rep.get("task") == "questions":
+        acc = ", ".join(f"{mode} {_s(rep['table'][mode]['all']['accuracy'], '{:.0%}')}" for mode in rep.get("modes", []))
+        same = rep.get("streaming_equals_offline") or {}
+        return (f"questions {rep.get('model')}: {plural(len(rep.get('clips', [])), 'clip')}, exact match {acc}, "
+                f"streaming == offline {same.get('equal')} of {same.get('compared')}")
     return f"{rep.get('model', '')} {rep.get('device', '')}".strip() + (f", JSON {rep['json_path']}" if rep.get("json_path") else "")

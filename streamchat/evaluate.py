@@ -121,20 +121,9 @@ def _ask(loaded, config, source, mode: str, question: str, word: str) -> dict:
     """One answer in one mode, or why there is none (a refused or unfitting stream is a result, not an error)."""
     frames = len(source.plan)
     if mode == "offline":
-        from . import hf
-        from .layout import Vocab, one_turn
-        from .offline import answer_with_retry
-        from .stream import read_frames
-
-        vc = hf.vision_config(loaded.model)
-        unit = vc.patch_size * vc.spatial_merge_size
-        vocab = Vocab(loaded.tokenizer, config.system_prompt)
-        prompt = one_turn(vocab, frames, source.info.resized_height // unit, source.info.resized_width // unit, question)
-        fps = config.sampling.sampled_fps(source.info.native_fps)
-        ans, attempts = answer_with_retry(loaded, prompt, lambda pos: read_frames(source, pos), fps, question,
-                                          config.max_new_tokens, vocab, max_attempts=1)
-        if ans is None or attempts[-1].stride_factor != 1:  # a halved video is not the whole video
-            return {"skipped": attempts[0].error or "the whole video does not fit"}
+        ans = offline_answer(loaded, config, source, question)
+        if isinstance(ans, str):
+            return {"skipped": ans}
         extra = {}
     else:
         from .stream import Stream
@@ -150,6 +139,27 @@ def _ask(loaded, config, source, mode: str, question: str, word: str) -> dict:
         extra = {"policy": stream.budget.mode, "recalled": ans.retrieved}
     return {"answer": ans.text, "token_ids": ans.token_ids, "correct": exact_match(ans.text, word),
             "frames_seen": ans.frames_seen, "cache_tokens": ans.cache_tokens, "ttft_ms": ans.ttft_s * 1000, **extra}
+
+
+def offline_answer(loaded, config, source, question: str):
+    """The whole-video path (`ask --mode offline`: every plan frame and the question in one prefill, no
+    streaming engine) at the video's own stride: the Answer, or why there is none (a string)."""
+    from . import hf
+    from .layout import Vocab, one_turn
+    from .offline import answer_with_retry
+    from .stream import read_frames
+
+    frames = len(source.plan)
+    vc = hf.vision_config(loaded.model)
+    unit = vc.patch_size * vc.spatial_merge_size
+    vocab = Vocab(loaded.tokenizer, config.system_prompt)
+    prompt = one_turn(vocab, frames, source.info.resized_height // unit, source.info.resized_width // unit, question)
+    fps = config.sampling.sampled_fps(source.info.native_fps)
+    ans, attempts = answer_with_retry(loaded, prompt, lambda pos: read_frames(source, pos), fps, question,
+                                      config.max_new_tokens, vocab, max_attempts=1)
+    if ans is None or attempts[-1].stride_factor != 1:  # a halved video is not the whole video
+        return attempts[0].error or "the whole video does not fit"
+    return ans
 
 
 def accuracy_grid(cells: list[dict], settings: EvalSettings) -> dict:
@@ -226,11 +236,25 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+NEEDLE_ONLY = ("depths", "policies", "needle", "trials", "width", "height")  # None unless given: refused with the other task
+QUESTIONS_ONLY = ("clips", "size")
+
+
+def _given(args, names: tuple[str, ...]) -> str:
+    return ", ".join(f"--{n}" for n in names if getattr(args, n, None) is not None)
+
+
 def settings_from(args) -> EvalSettings:
     from .memory import MEMORY_MODES
 
-    lengths, depths = _floats(args.lengths), _floats(args.depths)
-    policies = tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    if given := _given(args, QUESTIONS_ONLY):
+        raise UserError(f"{given}: for --task questions; add --task questions, or leave {given} out")
+    default = EvalSettings()
+    pick = lambda name: getattr(default, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    lengths = default.lengths if args.lengths is None else _floats(args.lengths)
+    depths = default.depths if args.depths is None else _floats(args.depths)
+    policies = default.policies if args.policies is None else tuple(p.strip() for p in args.policies.split(",") if p.strip())
+    trials, width, height, needle = pick("trials"), pick("width"), pick("height"), pick("needle")
     if any(v <= WORD_S for v in lengths):
         raise UserError(f"--lengths must all be longer than the {WORD_S:g} s needle; got {args.lengths}")
     if any(not 0.0 <= d <= 1.0 for d in depths):
@@ -239,71 +263,106 @@ def settings_from(args) -> EvalSettings:
         raise UserError(f"--policies takes {', '.join(MEMORY_MODES)}; got {', '.join(bad)}")
     if not policies and not args.offline:
         raise UserError("nothing to run: give --policies, or leave out --no-offline")
-    if args.trials < 1:
-        raise UserError(f"--trials must be at least 1; got {args.trials}")
-    if args.width < 16 or args.height < 16 or args.width % 2 or args.height % 2:
-        raise UserError(f"--width and --height must be even and at least 16; got {args.width}x{args.height}")
-    return EvalSettings(lengths=lengths, depths=depths, policies=policies, offline=args.offline, trials=args.trials,
-                        needle=args.needle, seed=args.seed, width=args.width, height=args.height)
+    if trials < 1:
+        raise UserError(f"--trials must be at least 1; got {trials}")
+    if width < 16 or height < 16 or width % 2 or height % 2:
+        raise UserError(f"--width and --height must be even and at least 16; got {width}x{height}")
+    return EvalSettings(lengths=lengths, depths=depths, policies=policies, offline=args.offline, trials=trials,
+                        needle=needle, seed=args.seed, width=width, height=height)
 
 
 def cmd_eval(args) -> int:
     import json
 
+    from . import evaluate_questions as quiz
     from .cli import _log_run, config_from, emit, load_model, progress_for
+    from .config import SessionConfig
 
-    settings = settings_from(args)
+    questions = args.task == "questions"
+    if questions:
+        if given := _given(args, NEEDLE_ONLY):
+            raise UserError(f"{given}: for --task needle; leave {given} out with --task questions")
+        settings = quiz.settings_from(args, _floats(args.lengths) if args.lengths is not None else None)
+    else:
+        settings = settings_from(args)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = quiz.MAX_NEW_TOKENS if questions else SessionConfig().max_new_tokens
     config = config_from(args)
+    if questions:
+        quiz.check_config(config)  # before the model loads
     loaded = load_model(args)
-    bar = progress_for(args, len(settings.lengths) * len(settings.depths) * settings.trials * len(modes(settings)),
-                       "eval", unit="answers")
+    if questions:
+        clips = quiz.plan(settings)
+        total = sum(len(c.qas) for c in clips) * len(quiz.modes(settings))
+    else:
+        total = len(settings.lengths) * len(settings.depths) * settings.trials * len(modes(settings))
+    bar = progress_for(args, total, "eval", unit="answers")
     done = [0]
 
     def tick() -> None:
         done[0] += 1
         bar.update(done[0])
 
-    report = run_eval(loaded, config, settings, on_answer=tick)
+    report = (quiz.run_questions if questions else run_eval)(loaded, config, settings, on_answer=tick)
     bar.close()
     written = {}
     if args.out:
         out = Path(args.out)
         out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-        written = {"json": str(out), "heatmap": str(heatmap(report, out.with_suffix(".png")))}
+        chart = quiz.bar_chart(report, out.with_suffix(".png")) if questions else heatmap(report, out.with_suffix(".png"))
+        written = {"json": str(out), "chart" if questions else "heatmap": str(chart)}
     if not args.no_log:
         report["run_id"], written["database"] = _log_run("eval", report)
     report["written"] = written
-    text = text_table(report) + "".join(f"\n{k}: {v}" for k, v in written.items())
+    text = (quiz.text_table if questions else text_table)(report) + "".join(f"\n{k}: {v}" for k, v in written.items())
     emit(args, report, text)
     return 0
 
 
 def register(sub) -> None:
     from .cli import add_engine_options, add_no_log_option, add_output_options
+    from .config import SessionConfig
+    from .evaluate_questions import MAX_NEW_TOKENS, QuizSettings
     from .video import Sampling
 
-    d, v = EvalSettings(), Sampling()
-    p = sub.add_parser("eval", help="needle-in-a-video benchmark: accuracy by needle depth, stream length and mode",
-                       description="Build generated haystack scenes with a word shown for one second at each needle depth "
-                       "(V-NIAH's construction rule), ask for it at the end of each stream in streaming mode "
+    d, q, v = EvalSettings(), QuizSettings(), Sampling()
+    p = sub.add_parser("eval", help="benchmarks on generated scenes: needle in a video (default), or tiny-shapes' template questions",
+                       description="--task needle: build generated haystack scenes with a word shown for one second at each needle "
+                       "depth (V-NIAH's construction rule), ask for it at the end of each stream in streaming mode "
                        "under each memory policy and offline where the whole video fits; print an accuracy table, write "
-                       "JSON and a heat map, log the run in the store.")
-    p.add_argument("--lengths", default=",".join(f"{x:g}" for x in d.lengths), help=f"stream lengths in seconds, comma-separated (default: {','.join(f'{x:g}' for x in d.lengths)})")
-    p.add_argument("--depths", default=",".join(f"{x:g}" for x in d.depths), help=f"needle depths in [0, 1], comma-separated (default: {','.join(f'{x:g}' for x in d.depths)})")
-    p.add_argument("--policies", default=",".join(d.policies), help=f"memory policies to stream under, comma-separated, from auto, exact, bounded; the budgets come from --gpu-kv-budget and friends (default: {','.join(d.policies)})")
-    p.add_argument("--no-offline", dest="offline", action="store_false", default=True, help="skip the whole-video prefill (default: run it where the video fits the context)")
-    p.add_argument("--needle", choices=["auto", *NEEDLES], default=d.needle, help="word: the bare word is shown, 'What word was shown?'; sentence: "
+                       "JSON and a heat map, log the run in the store. --task questions: held-out clips of the tiny-shapes "
+                       "training recipe, every template question (colour, word, flashes, order, count) asked after the whole "
+                       "clip in streaming mode (encoded once, each answer rolled back) and offline; exact-match accuracy per "
+                       "question kind, streaming == offline token for token; a table, JSON and a bar chart, the run logged.")
+    p.add_argument("--task", choices=["needle", "questions"], default="needle", help="needle: the needle-in-a-video grid; questions: "
+                   "template questions on held-out tiny-shapes clips, scored per question kind (default: needle)")
+    p.add_argument("--lengths", default=None, help="stream lengths in seconds, comma-separated; with --task questions, whole seconds "
+                   "of at least 2 that the clips take in turn (default: "
+                   f"{','.join(f'{x:g}' for x in d.lengths)}; {','.join(f'{x:g}' for x in q.lengths)}, the training range, with --task questions)")
+    g = p.add_argument_group("--task needle")
+    g.add_argument("--depths", default=None, help=f"needle depths in [0, 1], comma-separated (default: {','.join(f'{x:g}' for x in d.depths)})")
+    g.add_argument("--policies", default=None, help=f"memory policies to stream under, comma-separated, from auto, exact, bounded; the budgets come from --gpu-kv-budget and friends (default: {','.join(d.policies)})")
+    g.add_argument("--needle", choices=["auto", *NEEDLES], default=None, help="word: the bare word is shown, 'What word was shown?'; sentence: "
                    "'the secret word is …' is shown, 'What is the secret word?'; auto: sentence for a real checkpoint, word for "
                    f"tiny-random and random:<arch> (default: {d.needle})")
-    p.add_argument("--trials", type=int, default=d.trials, help=f"haystack and needle pairs per length (default: {d.trials})")
-    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the haystacks and needles (default: {d.seed})")
-    p.add_argument("--width", type=int, default=d.width, help=f"scene width in pixels, even (default: {d.width})")
-    p.add_argument("--height", type=int, default=d.height, help=f"scene height in pixels, even (default: {d.height})")
-    p.add_argument("--fps", type=float, default=v.fps, help=f"frames per second, written and sampled (default: {v.fps:g})")
+    g.add_argument("--trials", type=int, default=None, help=f"haystack and needle pairs per length (default: {d.trials})")
+    g.add_argument("--width", type=int, default=None, help=f"scene width in pixels, even (default: {d.width})")
+    g.add_argument("--height", type=int, default=None, help=f"scene height in pixels, even (default: {d.height})")
+    g = p.add_argument_group("--task questions")
+    g.add_argument("--clips", type=int, default=None, help=f"held-out clips (scene seeds training never draws), lengths taken in turn from --lengths (default: {q.clips})")
+    g.add_argument("--size", type=int, default=None, help=f"frame width and height in pixels, a multiple of 28; the streaming memory policy is --memory (default: {q.size}, as in training)")
+    p.add_argument("--no-offline", dest="offline", action="store_false", default=True, help="skip the whole-video prefill (default: run it where the video fits the context)")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the haystacks and needles, or of the held-out clips (default: {d.seed})")
+    p.add_argument("--fps", type=float, default=v.fps, help=f"frames per second sampled; the needle's clips are also written at it, the questions' at 24 (default: {v.fps:g})")
     p.add_argument("--max-pixels", type=int, default=v.max_pixels, help=f"per-frame pixel budget, upper bound (default: {v.max_pixels})")
     p.add_argument("--min-pixels", type=int, default=v.min_pixels, help=f"per-frame pixel budget, lower bound (default: {v.min_pixels})")
-    p.add_argument("--out", default=None, help="write the report as JSON here and the heat map beside it (.png); the folder is created (default: none)")
+    p.add_argument("--out", default=None, help="write the report as JSON here and its chart beside it (.png: a heat map, or bars per question kind); the folder is created (default: none)")
     add_no_log_option(p, "the run")
     add_engine_options(p)
+    for action in p._actions:  # a short answer is all a template question needs; random weights never stop early
+        if action.dest == "max_new_tokens":
+            action.default = None
+            action.help = action.help.replace(f"(default: {SessionConfig().max_new_tokens})",
+                                              f"(default: {SessionConfig().max_new_tokens}; {MAX_NEW_TOKENS} with --task questions)")
     add_output_options(p)
     p.set_defaults(func=cmd_eval, stride=None, start=0.0, duration=None, max_frames=None)

@@ -167,5 +167,5 @@ def test_eval_help_gives_every_default(capsys):
         main(["eval", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for text in ("(default: 16,32,64)", "(default: 0,0.25,0.5,0.75,1)", "(default: exact,bounded)", "(default: 2)"):
+    for text in ("(default: 16,32,64;", "(default: 0,0.25,0.5,0.75,1)", "(default: exact,bounded)", "(default: 2)"):
         assert text in " ".join(out.split()), text
