@@ -249,12 +249,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tok_dir = Path(tempfile.mkdtemp(prefix="tiny-shapes-tok-"))
     model, processor = tinyshapes.new_model_and_processor(args.seed, tok_dir)
-    model.config.vision_config._attn_implementation = "sdpa"
-    model.config.text_config._attn_implementation = "sdpa"
-    if device.type == "cuda":
-        hf.use_stream_attention(model, True)  # the tower's windows in one flash varlen call
-        model.config.text_config._attn_implementation = "sdpa"  # padded batches need the stock masked path
     model.to(device).train()
+    hf.use_training_attention(model)
     params = sum(p.numel() for p in model.parameters())
     print(f"tiny-shapes: {params / 1e6:.2f} M parameters, training on {device}", file=sys.stderr)
 

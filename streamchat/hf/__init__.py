@@ -18,6 +18,7 @@ from .attention import (
     STREAM_ATTENTION,
     WINDOW_ATTENTION,
     use_stream_attention,
+    use_training_attention,
     warm_split_plans,
 )
 from .cache import (
@@ -86,7 +87,7 @@ __all__ = [
     "lm_forward", "lm_head", "load_pretrained", "new_cache", "new_model", "pad_vision_mlp",
     "processor_prompt_ids", "question_prefill", "quiet", "qwen25vl_config", "speed_up",
     "static_decoder", "text_config", "tokenizer_from_dir", "transformers_version",
-    "use_fast_vision_rotary", "use_stream_attention", "video_pixels", "vision_config", "vision_graph",
+    "use_fast_vision_rotary", "use_stream_attention", "use_training_attention", "video_pixels", "vision_config", "vision_graph",
     "vision_tower", "warm_split_plans", "build_on_map", "dispatch", "execution_device", "input_device", "is_split",
     "model_devices", "named_weights", "resolve_map", "vision_device",
 ]

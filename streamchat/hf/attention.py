@@ -215,3 +215,11 @@ def use_stream_attention(model, enabled: bool = True) -> None:
         # cuDNN attention builds a new plan for every new sequence length (~40 ms of CPU per shape,
         # 400+ ms on a first decode step); flash attention needs none.
         torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+def use_training_attention(model) -> None:
+    """Attention for training on padded batches: the text model on stock sdpa (it builds the padding
+    mask); the vision tower's windows in one flash varlen call on a GPU (it has a backward), stock sdpa
+    on the CPU."""
+    use_stream_attention(model, model.device.type == "cuda")
+    model.config.text_config._attn_implementation = "sdpa"
