@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up then cosine)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
+    p.add_argument("--init", default=None, metavar="DIR",
+                   help="start from the weights of an earlier run's checkpoint (a later stage) instead of fresh ones (default: fresh)")
     p.add_argument("--workers", type=int, default=8, help="processes making batches")
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the accuracy report")
     p.add_argument("--seconds", default=f"{tinyshapes.SECONDS[0]},{tinyshapes.SECONDS[1]}",
@@ -249,6 +251,11 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     tok_dir = Path(tempfile.mkdtemp(prefix="tiny-shapes-tok-"))
     model, processor = tinyshapes.new_model_and_processor(args.seed, tok_dir)
+    if args.init is not None:  # a later stage: the weights of an earlier run, the same architecture and tokenizer
+        earlier, _ = hf.load_pretrained(args.init, dtype=torch.float32, device_map="cpu", local_only=True)
+        if earlier.config.to_dict()["text_config"]["vocab_size"] != model.config.text_config.vocab_size:
+            p.error(f"--init {args.init}: not a tiny-shapes checkpoint of this recipe (another vocabulary)")
+        model.load_state_dict(earlier.state_dict())
     model.to(device).train()
     hf.use_training_attention(model)
     params = sum(p.numel() for p in model.parameters())

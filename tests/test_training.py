@@ -161,6 +161,12 @@ def test_the_command_writes_a_checkpoint_that_loads_as_a_local_directory(tmp_pat
     assert a.model.config.vision_config.fullatt_block_indexes == tinyshapes.VISION["fullatt_block_indexes"]
     assert config_fingerprint(a.model.config) == config_fingerprint(b.model.config)
     assert a.fingerprint != b.fingerprint
+    # a later stage starts from an earlier run's weights: before its first step they are those weights
+    later = tmp_path / "later"
+    assert train.main(["--out", str(later), "--steps", "1", "--clips", "1", "--questions", "1", "--workers", "0",
+                       "--eval-batches", "1", "--device", "cpu", "--seconds", "2,2", "--lr", "0", "--warmup", "1",
+                       "--init", str(outs[1])]) == 0
+    assert models.load(str(later), device="cpu", dtype="float32").fingerprint == b.fingerprint
 
 
 @pytest.mark.parametrize("args, says", [
