@@ -152,14 +152,18 @@ class Scene:
         """The frame at second t: uint8 [H, W, 3]."""
         img = np.empty((self.height, self.width, 3), dtype=np.uint8)
         img[:] = BACKGROUNDS[self.background]
-        yy, xx = np.ogrid[: self.height, : self.width]
         r = self.radius()
         for s in self.shapes:
             colour = s.colour_at(t)
             if colour is None:
                 continue
             cx, cy = self.centre(s.kind, t)
-            img[_mask(s.kind, xx - cx, yy - cy, r)] = FLASH if self.flashing(s.kind, t) else COLOURS[colour]
+            # every shape lies within r of its centre: test only the pixels of that box
+            x0, x1 = max(int(cx - r) - 1, 0), min(int(cx + r) + 2, self.width)
+            y0, y1 = max(int(cy - r) - 1, 0), min(int(cy + r) + 2, self.height)
+            yy, xx = np.ogrid[y0:y1, x0:x1]
+            box = img[y0:y1, x0:x1]
+            box[_mask(s.kind, xx - cx, yy - cy, r)] = FLASH if self.flashing(s.kind, t) else COLOURS[colour]
         word = self.word_at(t)
         if word is not None:
             _draw_text(img, word, int(self.height * (1 - CAPTION)), self.height)
