@@ -8,6 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+# ultrafast keeps a 3 s clip well under 0.5 s; crf 18 keeps shapes crisp. Training round-trips frames the same way.
+X264_OPTIONS = {"crf": "18", "preset": "ultrafast"}
+
 
 def _frame(i: int, n: int, width: int, height: int, seed: int) -> np.ndarray:
     """Frame i of n: a moving red square, an orbiting green disc, a blue bar in the
@@ -111,8 +114,7 @@ def make_clip(
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.codec_context.time_base = 1 / rate
-        # ultrafast keeps a 3 s clip well under 0.5 s; crf 18 keeps shapes crisp.
-        stream.options = {"crf": "18", "preset": "ultrafast"}
+        stream.options = dict(X264_OPTIONS)
 
         def mux(packets) -> None:
             for packet in packets:

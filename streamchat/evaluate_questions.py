@@ -204,6 +204,6 @@ def settings_from(args, lengths: tuple[float, ...] | None) -> QuizSettings:
     if clips < 1:
         raise UserError(f"--clips must be at least 1; got {clips}")
     size = d.size if args.size is None else args.size
-    if size < 56 or size % 28:
-        raise UserError(f"--size must be a multiple of 28 of at least 56 (frames are cut into 28-pixel merged patches); got {size}")
+    if problem := tinyshapes.size_problem(size):
+        raise UserError(f"--size: {problem}")
     return QuizSettings(clips=clips, lengths=tuple(int(v) for v in lengths), seed=args.seed, size=size, offline=args.offline)

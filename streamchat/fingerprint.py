@@ -18,23 +18,26 @@ VOLATILE = ("_name_or_path", "name_or_path", "transformers_version", "torch_dtyp
 
 def config_fingerprint(config) -> str:
     """sha256 of the architecture (the config without VOLATILE keys, at any depth), 16 hex digits."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    blob = json.dumps(_architecture(d), sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return _digest(_architecture(_as_dict(config)))
 
 
 def legacy_fingerprint(config) -> str:
     """The fingerprint snapshots and session rows carried before weights were fingerprinted (streamchat
     before 2026-12-02): sha256 of the config without the top-level VOLATILE keys. Such a record can
     only be checked against the architecture; restore and replay accept it with a warning."""
-    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    for key in VOLATILE:
-        d.pop(key, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest({k: v for k, v in _as_dict(config).items() if k not in VOLATILE})
 
 
 LEGACY_WARNING = ("{what} was made before streamchat fingerprinted weights: only the architecture of {model} could be "
                   "checked, not that its weights are the ones loaded now")
+
+
+def _as_dict(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
+def _digest(d: dict) -> str:
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _architecture(value):

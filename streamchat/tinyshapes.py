@@ -3,28 +3,25 @@
 The model is Qwen2.5-VL's architecture at toy size (vision tower with windows and merger, M-RoPE text
 model), trained from scratch by `python -m streamchat.train` on clips from `streamchat.scenes` and
 the questions of `streamchat.questions`, in the prompt layout and positions streamchat streams with.
-The trained checkpoint ships in `streamchat/checkpoints/tiny-shapes/` and loads through the same code
-path as any local checkpoint directory (`models.load`). This module is what training and the
-checkpoint's tests share: what a training clip is, which questions it gets, how they are rendered.
+A checkpoint it writes is an ordinary checkpoint directory (`--model DIR`). This module is what
+training and evaluation share: what a clip is, which questions it gets, which seeds are held out.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+from . import tiny
+from .config import SessionConfig
 from .scenes import BACKGROUNDS, COLOURS, KINDS, WORDS, Scene, generate
-
-NAME = "tiny-shapes"
-CHECKPOINT = Path(__file__).parent / "checkpoints" / NAME
 
 # What the model was trained on: these and nothing else (the model card says so).
 FPS = 2.0  # streamchat's default sampling
 SIZE = 224  # frames are 224x224: an 8x8 merged grid, 64 tokens per temporal patch (one second)
 SECONDS = (2, 24)  # clip lengths, whole seconds (the curriculum starts at the shortest)
-SYSTEM_PROMPT = "You are a helpful assistant."  # SessionConfig's default: the head every prompt starts with
+SYSTEM_PROMPT = SessionConfig.system_prompt  # the default session's: the head every prompt starts with
 QUESTION_KINDS = ("colour", "word", "flashes", "order", "count")
 
 # The tokenizer: a byte-level BPE (any text tokenizes) whose merges cover the question templates and answers.
@@ -43,30 +40,20 @@ CORPUS = [
 ]
 
 
-TEXT = dict(
-    hidden_size=256,
-    intermediate_size=768,
-    num_hidden_layers=6,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-    max_position_embeddings=32768,
-    # head_dim 32: 16 rotary pairs split t/h/w in the real model's 16:24:24 proportion
-    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]},
-    rms_norm_eps=1e-6,
-)
-VISION = dict(
-    depth=4,
-    hidden_size=128,
-    intermediate_size=512,
-    num_heads=4,
-    out_hidden_size=256,
-    fullatt_block_indexes=[1, 3],  # windowed blocks between full-attention ones, as in the real tower
-    patch_size=14,
-    temporal_patch_size=2,
-    spatial_merge_size=2,
-    window_size=112,
-    tokens_per_second=2,
-)
+# tiny-random's sizes made larger; the rest (patches, windows, merger, rope_theta, ...) is the real model's, as there
+TEXT = dict(tiny.TEXT, hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
+            num_key_value_heads=4,
+            # head_dim 32: 16 rotary pairs split t/h/w in the real model's 16:24:24 proportion
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [4, 6, 6]})
+VISION = dict(tiny.VISION, depth=4, hidden_size=128, intermediate_size=512, num_heads=4, out_hidden_size=256,
+              fullatt_block_indexes=[1, 3])  # windowed blocks between full-attention ones, as in the real tower
+
+
+def size_problem(size: int) -> str | None:
+    """Why frames of size x size pixels cannot be used, or None."""
+    if size < 56 or size % 28:
+        return f"give a multiple of 28 of at least 56 (frames are cut into 28-pixel merged patches); got {size}"
+    return None
 
 
 def new_model_and_processor(seed: int, tokenizer_dir: Path):
@@ -75,25 +62,15 @@ def new_model_and_processor(seed: int, tokenizer_dir: Path):
     import torch
 
     from . import hf
-    from .tiny import CHAT_TEMPLATE, build_tokenizer, toy_config
-
-    tokenizer = build_tokenizer(tokenizer_dir, corpus=CORPUS, vocab_size=VOCAB_SIZE)
-    config = toy_config(tokenizer, TEXT, VISION)
+    tokenizer = tiny.build_tokenizer(tokenizer_dir, corpus=CORPUS, vocab_size=VOCAB_SIZE)
+    config = tiny.toy_config(tokenizer, TEXT, VISION)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = hf.new_model(config)
-    return model, hf.default_processor(tokenizer, CHAT_TEMPLATE)
+    return model, hf.default_processor(tokenizer, tiny.CHAT_TEMPLATE)
 
 
 # --- the data recipe --------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    """One clip and the questions asked about it."""
-
-    scene: Scene
-    qas: list  # questions.QA
 
 
 HELD_OUT = 10_000_000  # held-out clips use scene seeds from here on; training draws seeds below it

@@ -35,18 +35,17 @@ from . import hf, tinyshapes
 from .layout import TextSeg, Vocab, one_turn, render
 from .questions import QA
 
-HELD_OUT = tinyshapes.HELD_OUT
-
-
 def roundtrip(frames: np.ndarray) -> np.ndarray:
     """The frames through libx264 crf 18 yuv420p and back (in memory), as a clip file would give them."""
     import av
+
+    from .clips import X264_OPTIONS
 
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
         stream = out.add_stream("libx264", rate=int(tinyshapes.FPS))
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "18", "preset": "ultrafast"}
+        stream.options = dict(X264_OPTIONS)
         for f in frames:
             out.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
         out.mux(stream.encode())
@@ -181,10 +180,15 @@ def answers_right(logits, batch) -> dict[str, list[int]]:
     table: dict[str, list[int]] = {}
     for b, ok in per_seq.items():
         for key in (kind_of[b], "all"):
-            row = table.setdefault(key, [0, 0])
-            row[0] += ok
-            row[1] += 1
+            tally(table, key, ok, 1)
     return table
+
+
+def tally(table: dict[str, list[int]], key: str, right: int, asked: int) -> None:
+    """Add to table[key] = [right, asked]."""
+    row = table.setdefault(key, [0, 0])
+    row[0] += right
+    row[1] += asked
 
 
 def evaluate(model, loader, device) -> dict:
@@ -193,11 +197,8 @@ def evaluate(model, loader, device) -> dict:
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         for batch in loader:
             for kind, (ok, n) in answers_right(step_logits(model, batch, device), batch).items():
-                keys = [kind] if kind != "all" else ["all", f"all, clips of {batch['seconds']} s"]
-                for key in keys:
-                    row = table.setdefault(key, [0, 0])
-                    row[0] += ok
-                    row[1] += n
+                for key in [kind] if kind != "all" else ["all", f"all, clips of {batch['seconds']} s"]:
+                    tally(table, key, ok, n)
     model.train()
     return {k: {"correct": ok, "n": n, "accuracy": ok / n} for k, (ok, n) in sorted(table.items())}
 
@@ -240,8 +241,8 @@ def main(argv=None) -> int:
         seconds = ()
     if len(seconds) != 2 or not 2 <= seconds[0] <= seconds[1]:
         p.error(f"--seconds {args.seconds}: give MIN,MAX whole seconds with 2 <= MIN <= MAX, e.g. 2,24")
-    if args.size < 56 or args.size % 28:
-        p.error(f"--size {args.size}: give a multiple of 28 of at least 56 (frames are cut into 28-pixel merged patches)")
+    if problem := tinyshapes.size_problem(args.size):
+        p.error(f"--size: {problem}")
     kinds = tuple(args.kinds.split(","))
     if not set(kinds) <= set(tinyshapes.QUESTION_KINDS):
         p.error(f"--kinds {args.kinds}: each must be one of {', '.join(tinyshapes.QUESTION_KINDS)}")
@@ -300,9 +301,7 @@ def main(argv=None) -> int:
         opt.step()
         done = step + 1
         for kind, (ok, n) in answers_right(logits.detach(), batch).items():
-            recent.setdefault(kind, [0, 0])
-            recent[kind][0] += ok
-            recent[kind][1] += n
+            tally(recent, kind, ok, n)
         if step % 10 == 0 or done == args.steps:
             curve.append((done, round(time.monotonic() - start, 2), loss))
         if step % args.report == 0 or done == args.steps:
@@ -327,7 +326,7 @@ def main(argv=None) -> int:
         command="python -m streamchat.train " + " ".join(argv if argv is not None else sys.argv[1:]),
         settings=vars(args), steps_done=done, parameters=params, device=card, torch=torch.__version__,
         transformers=hf.transformers_version(), wall_seconds=round(wall, 1), held_out_accuracy=accuracy,
-        held_out_note=f"{args.eval_batches} batches of {args.clips} clips x {args.questions} questions, seeds >= {HELD_OUT}, "
+        held_out_note=f"{args.eval_batches} batches of {args.clips} clips x {args.questions} questions, seeds >= {tinyshapes.HELD_OUT}, "
                       "teacher-forced argmax of every answer token (= greedy decoding)"), indent=2) + "\n")
     return 0
 

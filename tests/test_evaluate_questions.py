@@ -144,7 +144,7 @@ def test_json_file_bar_chart_and_logged_run(small_run):
     ("--clips", "0", "--clips must be at least 1"),
     ("--lengths", "1,4", "whole seconds of at least 2"),
     ("--lengths", "4.5", "whole seconds of at least 2"),
-    ("--size", "100", "--size must be a multiple of 28"),
+    ("--size", "100", "--size: give a multiple of 28"),
     ("--depths", "0.5", "--depths: for --task needle"),
     ("--history", "keep", "leave out --history keep"),
 ])

@@ -16,7 +16,6 @@ import torch
 from streamchat import models, tinyshapes, train
 from streamchat.fingerprint import config_fingerprint
 from streamchat.layout import Vocab
-from streamchat.positions import Cursor
 from streamchat.questions import QA, questions
 
 from reference_qwen import processor_inputs, reference_positions, user
@@ -68,7 +67,6 @@ def test_positions_by_hand_for_a_two_second_clip(fresh):
     assert video[:, 64 + 8 * 3 + 5].tolist() == [s + 2, s + 3, s + 5]  # second patch, row 3, column 5
     assert pos[:, s + 128].tolist() == [s + 8] * 3
     assert ids[s : s + 128] == [vocab.video_pad] * 128 and ids[s + 128] == vocab.vision_end
-    assert Cursor().copy().next_pos == 0  # (the cursor the layout uses starts at 0, as the rule does)
 
 
 def test_the_batched_forward_is_the_models_own_forward(fresh):
@@ -188,3 +186,13 @@ def test_an_existing_checkpoint_is_not_overwritten_without_force(tmp_path, capsy
         train.main(["--out", str(tmp_path), "--steps", "1", "--device", "cpu"])
     assert exit_.value.code == 2 and "add --force" in capsys.readouterr().err
     assert (tmp_path / "config.json").read_text() == "{}"
+
+
+def test_an_answer_is_right_only_when_every_token_is():
+    """Teacher-forced argmax per answer token, counted per question: one wrong token makes the answer wrong."""
+    batch = {"rows": torch.tensor([0, 0, 1, 1, 2, 2]), "targets": torch.tensor([3, 1, 4, 1, 2, 1]),
+             "kinds": ["word", "word", "word", "word", "count", "count"]}
+    logits = torch.zeros(6, 5)
+    for i, t in enumerate([3, 1, 4, 0, 2, 1]):  # question 1's <|im_end|> is missed
+        logits[i, t] = 1.0
+    assert train.answers_right(logits, batch) == {"word": [1, 2], "count": [1, 1], "all": [2, 3]}
