@@ -9,6 +9,7 @@ training and evaluation share: what a clip is, which questions it gets, which se
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from fractions import Fraction
 from pathlib import Path
@@ -81,13 +82,21 @@ def scene_seed(seed: int, n: int, held_out: bool) -> int:
     return HELD_OUT + n * 1009 + seed if held_out else (n * 1009 + seed) % HELD_OUT
 
 
-def training_scene(seed: int, seconds: int | None = None, size: int = SIZE) -> Scene:
-    """The clip of training example `seed` (held-out sets use seeds training never draws), size x size pixels."""
+def training_scene(seed: int, seconds: int | None = None, size: int = SIZE, plain: bool = False) -> Scene:
+    """The clip of training example `seed` (held-out sets use seeds training never draws), size x size
+    pixels. `plain`: the first stage's clips, where what to look for is on screen the whole time: every
+    shape from the start, still and in one colour, no flashes, the word shown from start to end."""
     rng = random.Random(seed * 7919 + 17)
     if seconds is None:
         seconds = rng.randint(*SECONDS)
-    return generate(seed, seconds=float(seconds), width=size, height=size, shapes=rng.choice((2, 3, 3)),
-                    flashes=rng.randint(0, 5), words=1, colour_changes=rng.randint(0, 2))
+    flashes, changes = rng.randint(0, 5), rng.randint(0, 2)
+    scene = generate(seed, seconds=float(seconds), width=size, height=size, shapes=rng.choice((2, 3, 3)),
+                     flashes=0 if plain else flashes, words=1, colour_changes=0 if plain else changes)
+    if not plain:
+        return scene
+    shapes = [dataclasses.replace(s, appear_s=0.0, vx=0.0, vy=0.0, colours=[(0.0, s.colours[0][1])]) for s in scene.shapes]
+    words = [dataclasses.replace(w, start_s=0.0, end_s=float(seconds)) for w in scene.words]
+    return dataclasses.replace(scene, shapes=shapes, words=words)
 
 
 def pick_questions(scene: Scene, rng: random.Random, n: int, kinds: tuple[str, ...] = QUESTION_KINDS) -> list:

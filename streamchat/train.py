@@ -4,8 +4,8 @@ Data recipe (streamchat.tinyshapes): every batch is `--clips` fresh scenes of on
 3 shapes, 0 to 5 flashes, one word or digit, a clock strip), sampled at 2 fps, half of them round-tripped
 through H.264 (libx264 crf 18, what `make-clip` writes) so the model sees codec artefacts as decord
 gives them. Each clip gets `--questions` template questions, each of a kind drawn uniformly. The
-curriculum (`curriculum`): first 2 s clips with word and colour questions only, then every kind with
-the longest clip growing to 24 s. A prompt is exactly what streamchat prefills for a one-turn question
+curriculum (`curriculum`): first 2 s plain clips (every shape and the word on screen the whole time) with
+word and colour questions only, then every kind with the longest clip growing to 24 s. A prompt is exactly what streamchat prefills for a one-turn question
 after the whole clip (`layout.one_turn` and `layout.render`: the same token ids and M-RoPE positions),
 so a streamed answer is the trained computation. The loss is the cross entropy of the answer's tokens
 and its `<|im_end|>`. Batch b is made from (seed, b) alone, so the run does not depend on how many
@@ -73,13 +73,14 @@ def prompt(vocab: Vocab, frames: int, qa: QA, grid: int) -> tuple[list[int], tor
 
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
-               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE) -> dict:
-    """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range): tensors on the CPU."""
+               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False) -> dict:
+    """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range), `plain` ones
+    (tinyshapes.training_scene) in the first stage: tensors on the CPU."""
     rng = random.Random(seed * 1_000_003 + index)
     seconds = rng.randint(*seconds)
     pixels, grids, seqs = [], [], []
     for c in range(clips):
-        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size)
+        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain)
         frames = clip_frames(scene, rng.random() < h264_share)
         pv, grid = hf.video_pixels(processor, frames)
         pixels.append(pv)
@@ -116,22 +117,24 @@ FIRST_KINDS = ("word", "colour")  # questions no text prior answers: the model h
 
 
 def curriculum(index: int, count: int, seconds: tuple[int, int], ramp: float, first: float = 0.0,
-               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS) -> tuple[tuple[int, int], tuple[str, ...]]:
-    """Clip lengths and question kinds for batch `index` of `count`.
+               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS) -> tuple[tuple[int, int], tuple[str, ...], bool]:
+    """Clip lengths, question kinds and whether the clips are plain, for batch `index` of `count`.
 
-    The first `first` of the run: the shortest clips and only FIRST_KINDS (of `kinds`), which the
-    answers' priors cannot answer, so the model learns to look before it can learn to guess (on the
+    The first `first` of the run: plain clips of the shortest length (tinyshapes.training_scene:
+    everything on screen the whole time), and only FIRST_KINDS (of `kinds`), which the answers' priors cannot answer,
+    so the model learns to look, and to tell the shapes apart, before it can learn to guess (on the
     CPU, 2 s clips with word and colour questions at lr 5e-4: words went from chance to 53% right
-    between steps 250 and 375; two GPU runs with every kind from the start at lr 1.5e-3 stayed at the
-    priors for 2,500 steps, docs/tiny-shapes.md). Then every kind, and the longest clip
-    grows from the shortest to seconds[1] over the next `ramp` of the run."""
+    between steps 250 and 375, but few colour questions fit 2 s clips with changes and colour stayed
+    at chance; two GPU runs with every kind from the start at lr 1.5e-3 stayed at the priors for
+    2,500 steps, docs/tiny-shapes.md). Then every kind on full clips, and the longest clip grows
+    from the shortest to seconds[1] over the next `ramp` of the run."""
     lo, hi = seconds
     stage = round(first * count)
     if index < stage:
-        return (lo, lo), tuple(k for k in kinds if k in FIRST_KINDS) or kinds
+        return (lo, lo), tuple(k for k in kinds if k in FIRST_KINDS) or kinds, True
     if ramp <= 0:
-        return (lo, hi), kinds
-    return (lo, min(hi, lo + round((hi - lo) * (index - stage) / (ramp * count)))), kinds
+        return (lo, hi), kinds, False
+    return (lo, min(hi, lo + round((hi - lo) * (index - stage) / (ramp * count)))), kinds, False
 
 
 class Batches(torch.utils.data.Dataset):
@@ -153,9 +156,9 @@ class Batches(torch.utils.data.Dataset):
 
             self.processor = hf.default_processor(hf.tokenizer_from_dir(self.tokenizer_dir), CHAT_TEMPLATE)
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
-        lengths, kinds = curriculum(index, self.count, self.seconds, self.ramp, self.first, self.kinds)
+        lengths, kinds, plain = curriculum(index, self.count, self.seconds, self.ramp, self.first, self.kinds)
         return make_batch(self.seed, index, self.clips, self.per_clip, self.processor, self.vocab, held_out=self.held_out,
-                          seconds=lengths, kinds=kinds, size=self.size)
+                          seconds=lengths, kinds=kinds, size=self.size, plain=plain)
 
 
 def _one_thread(_worker: int) -> None:
@@ -191,10 +194,10 @@ def tally(table: dict[str, list[int]], key: str, right: int, asked: int) -> None
     row[1] += asked
 
 
-def evaluate(model, loader, device) -> dict:
+def evaluate(model, loader, device, bf16: bool = False) -> dict:
     model.eval()
     table: dict[str, list[int]] = {}
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         for batch in loader:
             for kind, (ok, n) in answers_right(step_logits(model, batch, device), batch).items():
                 for key in [kind] if kind != "all" else ["all", f"all, clips of {batch['seconds']} s"]:
@@ -222,12 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", default=f"{tinyshapes.SECONDS[0]},{tinyshapes.SECONDS[1]}",
                    help="clip lengths MIN,MAX in whole seconds (the held-out set uses the same range)")
     p.add_argument("--first", type=float, default=0.2,
-                   help="share of the steps first spent on MIN-second clips with word and colour questions only")
+                   help="share of the steps first spent on plain MIN-second clips (every shape and the word on screen all the time) with word and colour questions only")
     p.add_argument("--ramp", type=float, default=0.3,
                    help="share of the steps, after --first, over which the longest clip grows from MIN to MAX (0: at once)")
     p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
     p.add_argument("--size", type=int, default=tinyshapes.SIZE, help="frame width and height in pixels (a multiple of 28)")
     p.add_argument("--kinds", default=",".join(tinyshapes.QUESTION_KINDS), help="question kinds to train on")
+    p.add_argument("--bf16", action="store_true",
+                   help="bf16 autocast on a GPU (default: float32 with TF32 matmuls; batches, not the GPU, bound a run's speed)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     return p
 
@@ -252,6 +257,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     tok_dir = Path(tempfile.mkdtemp(prefix="tiny-shapes-tok-"))
     model, processor = tinyshapes.new_model_and_processor(args.seed, tok_dir)
@@ -291,7 +297,7 @@ def main(argv=None) -> int:
     for step, batch in enumerate(loader(args.steps, False, args.workers)):
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
             logits = step_logits(model, batch, device)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(device))
         opt.zero_grad(set_to_none=True)
@@ -312,7 +318,7 @@ def main(argv=None) -> int:
         if args.minutes is not None and time.monotonic() - start > args.minutes * 60:
             break
     wall = time.monotonic() - start
-    accuracy = evaluate(model, loader(args.eval_batches, True, min(args.workers, args.eval_batches)), device)
+    accuracy = evaluate(model, loader(args.eval_batches, True, min(args.workers, args.eval_batches)), device, args.bf16)
     print(json.dumps(accuracy), file=sys.stderr)
 
     model.to(dtype=torch.bfloat16, device="cpu").save_pretrained(out)

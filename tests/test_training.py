@@ -110,15 +110,26 @@ def test_batches_are_seeded_and_held_out_clips_are_never_trained_on(fresh):
 
 def test_curriculum_looks_first_then_grows_the_longest_clip():
     every = tinyshapes.QUESTION_KINDS
-    assert train.curriculum(0, 100, (2, 24), 0.4) == ((2, 2), every)
-    assert train.curriculum(20, 100, (2, 24), 0.4) == ((2, 13), every)
-    assert train.curriculum(40, 100, (2, 24), 0.4) == ((2, 24), every) == train.curriculum(99, 100, (2, 24), 0.4)
-    assert train.curriculum(0, 100, (2, 24), 0.0) == ((2, 24), every)
-    # a first stage of short clips and questions no prior answers, then the ramp starts from there
-    assert train.curriculum(19, 100, (2, 24), 0.4, first=0.2) == ((2, 2), ("colour", "word"))
-    assert train.curriculum(20, 100, (2, 24), 0.4, first=0.2) == ((2, 2), every)
-    assert train.curriculum(40, 100, (2, 24), 0.4, first=0.2) == ((2, 13), every)
-    assert train.curriculum(5, 100, (2, 24), 0.4, 0.2, ("count", "order")) == ((2, 2), ("count", "order"))
+    assert train.curriculum(0, 100, (2, 24), 0.4) == ((2, 2), every, False)
+    assert train.curriculum(20, 100, (2, 24), 0.4) == ((2, 13), every, False)
+    assert train.curriculum(40, 100, (2, 24), 0.4) == ((2, 24), every, False) == train.curriculum(99, 100, (2, 24), 0.4)
+    assert train.curriculum(0, 100, (2, 24), 0.0) == ((2, 24), every, False)
+    # a first stage of plain 4 s clips and questions no prior answers, then the ramp starts from the shortest
+    assert train.curriculum(19, 100, (2, 24), 0.4, first=0.2) == ((2, 2), ("colour", "word"), True)
+    assert train.curriculum(20, 100, (2, 24), 0.4, first=0.2) == ((2, 2), every, False)
+    assert train.curriculum(40, 100, (2, 24), 0.4, first=0.2) == ((2, 13), every, False)
+    assert train.curriculum(5, 100, (2, 24), 0.4, 0.2, ("count", "order")) == ((2, 2), ("count", "order"), True)
+
+
+def test_plain_scenes_show_everything_the_whole_time():
+    for seed in range(20):
+        scene = tinyshapes.training_scene(seed, 4, plain=True)
+        assert not scene.flashes and all(len(s.colours) == 1 and s.appear_s == s.vx == s.vy == 0 for s in scene.shapes)
+        assert [(w.start_s, w.end_s) for w in scene.words] == [(0, 4)]
+        assert scene.word_at(3.9) == scene.words[0].text and len(scene.visible(0)) == len(scene.shapes)
+        busy = tinyshapes.training_scene(seed, 4)
+        assert [s.kind for s in busy.shapes] == [s.kind for s in scene.shapes]  # the same draw otherwise
+    assert any(tinyshapes.training_scene(seed, 8).flashes for seed in range(20))
 
 
 def test_the_h264_round_trip_keeps_the_picture():
