@@ -331,7 +331,7 @@ def register(sub) -> None:
                        "depth (V-NIAH's construction rule), ask for it at the end of each stream in streaming mode "
                        "under each memory policy and offline where the whole video fits; print an accuracy table, write "
                        "JSON and a heat map, log the run in the store. --task questions: held-out clips of the tiny-shapes "
-                       "training recipe, every template question (colour, word, flashes, order, count) asked after the whole "
+                       "training recipe, every template question (colour, shape, word, flashes, order, count) asked after the whole "
                        "clip in streaming mode (encoded once, each answer rolled back) and offline; exact-match accuracy per "
                        "question kind, streaming == offline token for token; a table, JSON and a bar chart, the run logged.")
     p.add_argument("--task", choices=["needle", "questions"], default="needle", help="needle: the needle-in-a-video grid; questions: "

@@ -18,7 +18,7 @@ MARGIN_S = 0.5  # nothing the question is about changes this close to the moment
 
 @dataclass
 class QA:
-    kind: str  # colour | word | flashes | order | count
+    kind: str  # colour | shape | word | flashes | order | count
     question: str
     answer: str
     at_s: float | None = None  # the moment the question names, if any
@@ -32,11 +32,18 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
     moments and pair orders drawn from `seed`."""
     rng = random.Random(seed)
     out: list[QA] = []
+    named = []  # (shape, moment) of each colour question: the shape questions ask the other way round
     for shape in scene.shapes:
         moments = [t for t in range(int(scene.seconds) + 1) if _steady(scene, shape.kind, t)]
         if moments:
             t = rng.choice(moments)
+            named.append((shape, t))
             out.append(QA("colour", f"What colour is the {shape.kind} at {clock(t)}?", shape.colour_at(t), float(t)))
+    for shape, t in named:
+        colour = shape.colour_at(t)
+        if not any(colour in (o.colour_at(t - MARGIN_S), o.colour_at(t), o.colour_at(t + MARGIN_S))
+                   for o in scene.shapes if o is not shape):  # no other shape has that colour then
+            out.append(QA("shape", f"Which shape is {colour} at {clock(t)}?", shape.kind, float(t)))
     if len(scene.words) == 1:
         out.append(QA("word", "What word was shown?", scene.words[0].text))
     for shape in scene.shapes:

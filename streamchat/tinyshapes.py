@@ -23,13 +23,14 @@ FPS = 2.0  # streamchat's default sampling
 SIZE = 224  # frames are 224x224: an 8x8 merged grid, 64 tokens per temporal patch (one second)
 SECONDS = (2, 24)  # clip lengths, whole seconds (the curriculum starts at the shortest)
 SYSTEM_PROMPT = SessionConfig.system_prompt  # the default session's: the head every prompt starts with
-QUESTION_KINDS = ("colour", "word", "flashes", "order", "count")
+QUESTION_KINDS = ("colour", "shape", "word", "flashes", "order", "count")
 
 # The tokenizer: a byte-level BPE (any text tokenizes) whose merges cover the question templates and answers.
 VOCAB_SIZE = 512
 CORPUS = [
     "You are a helpful assistant.",
     *(f"What colour is the {k} at 00:{s:02d}?" for k in KINDS for s in range(0, 60, 7)),
+    *(f"Which shape is {c} at 00:{s:02d}?" for c in COLOURS for s in range(0, 60, 13)),
     "What word was shown?",
     *(f"How many times did the {k} flash?" for k in KINDS),
     *(f"What appeared first, the {a} or the {b}?" for a in KINDS for b in KINDS if a != b),

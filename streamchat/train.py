@@ -113,7 +113,10 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
                 kinds=target_kinds, seconds=seconds)
 
 
-FIRST_KINDS = ("word", "colour")  # questions no text prior answers: the model has to look
+# questions no text prior answers: the model has to look. "shape" asks for the shape of a colour: its
+# loss asks the tower for what tells the shapes apart, which "colour" alone asked too faintly for
+# (docs/tiny-shapes.md)
+FIRST_KINDS = ("word", "colour", "shape")
 
 
 def curriculum(index: int, count: int, seconds: tuple[int, int], ramp: float, first: float = 0.0,
@@ -263,8 +266,8 @@ def main(argv=None) -> int:
     model, processor = tinyshapes.new_model_and_processor(args.seed, tok_dir)
     if args.init is not None:  # a later stage: the weights of an earlier run, the same architecture and tokenizer
         earlier, _ = hf.load_pretrained(args.init, dtype=torch.float32, device_map="cpu", local_only=True)
-        if earlier.config.to_dict()["text_config"]["vocab_size"] != model.config.text_config.vocab_size:
-            p.error(f"--init {args.init}: not a tiny-shapes checkpoint of this recipe (another vocabulary)")
+        if hf.tokenizer_from_dir(args.init).get_vocab() != processor.tokenizer.get_vocab():
+            p.error(f"--init {args.init}: not a tiny-shapes checkpoint of this recipe (another tokenizer); start fresh without --init")
         model.load_state_dict(earlier.state_dict())
     model.to(device).train()
     hf.use_training_attention(model)

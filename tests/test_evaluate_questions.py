@@ -15,7 +15,7 @@ from streamchat.questions import questions
 from streamchat.store import Store
 from test_sessions import error_line  # noqa: F401 - fixtures
 
-KINDS = ("colour", "word", "flashes", "order", "count")
+KINDS = ("colour", "shape", "word", "flashes", "order", "count")
 SMALL = ["eval", "--task", "questions", "--model", "tiny-random", "--device", "cpu", "--clips", "3", "--lengths", "4",
          "--size", "112"]
 

@@ -23,7 +23,7 @@ def by_kind(qas: list[QA], kind: str) -> list[QA]:
 
 def test_hand_scene_questions_have_the_hand_worked_answers():
     qas = questions(hand_scene(), seed=0)
-    assert [q.kind for q in qas] == ["colour", "colour", "word", "flashes", "flashes", "order", "count"]
+    assert [q.kind for q in qas] == ["colour", "colour", "shape", "shape", "word", "flashes", "flashes", "order", "count"]
     assert [(q.question, q.answer) for q in by_kind(qas, "word") + by_kind(qas, "flashes")] == [
         ("What word was shown?", "tiger"),
         ("How many times did the circle flash?", "0"),
@@ -63,6 +63,29 @@ def test_generated_scene_questions_agree_with_its_ground_truth():
                 kind = q.question.split()[4]
                 assert scene.at(q.at_s)["shapes"][kind]["colour"] == q.answer
                 assert scene.shape(kind).colour_at(q.at_s - 0.5) == scene.shape(kind).colour_at(q.at_s + 0.5) == q.answer
+
+
+def test_shape_questions_ask_the_colour_question_backwards_and_only_when_one_shape_has_that_colour():
+    for seed in range(20):
+        qas = questions(hand_scene(), seed=seed)
+        colour = {q.question.split()[4]: q for q in by_kind(qas, "colour")}
+        shape = by_kind(qas, "shape")
+        assert [(q.question, q.answer, q.at_s) for q in shape] == [
+            (f"Which shape is {c.answer} at {clock(c.at_s)}?", kind, c.at_s) for kind, c in colour.items()]
+    # the circle stays red, the square turns red at 8 s: from 7.5 s "which shape is red" has two answers
+    scene = hand_scene()
+    scene.shapes[0].colours[1] = (6.0, "red")
+    scene.shapes[1].colours.append((8.0, "red"))
+    asked, left_out = set(), set()
+    for seed in range(40):
+        qas = questions(scene, seed=seed)
+        shape = {(q.answer, q.at_s, q.question) for q in by_kind(qas, "shape")}
+        for q in by_kind(qas, "colour"):
+            kind = q.question.split()[4]
+            mine = (kind, q.at_s, f"Which shape is {q.answer} at {clock(q.at_s)}?")
+            (asked if mine in shape else left_out).add((kind, q.answer, q.at_s))
+    assert asked == {("circle", "red", t) for t in (2.0, 3.0, 4.0, 5.0, 7.0)} | {("square", "green", 6.0)}
+    assert left_out == {("circle", "red", 8.0), ("circle", "red", 9.0), ("square", "red", 9.0)}
 
 
 def test_clock_names_whole_seconds():

@@ -115,7 +115,7 @@ def test_curriculum_looks_first_then_grows_the_longest_clip():
     assert train.curriculum(40, 100, (2, 24), 0.4) == ((2, 24), every, False) == train.curriculum(99, 100, (2, 24), 0.4)
     assert train.curriculum(0, 100, (2, 24), 0.0) == ((2, 24), every, False)
     # a first stage of plain 4 s clips and questions no prior answers, then the ramp starts from the shortest
-    assert train.curriculum(19, 100, (2, 24), 0.4, first=0.2) == ((2, 2), ("colour", "word"), True)
+    assert train.curriculum(19, 100, (2, 24), 0.4, first=0.2) == ((2, 2), ("colour", "shape", "word"), True)
     assert train.curriculum(20, 100, (2, 24), 0.4, first=0.2) == ((2, 2), every, False)
     assert train.curriculum(40, 100, (2, 24), 0.4, first=0.2) == ((2, 13), every, False)
     assert train.curriculum(5, 100, (2, 24), 0.4, 0.2, ("count", "order")) == ((2, 2), ("count", "order"), True)
