@@ -46,7 +46,7 @@ def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop"
 
     d = SessionConfig()
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id, local directory, 'tiny-random' (built in, no download) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {DEFAULT_MODEL})")
+    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id, local directory, 'tiny-shapes' (built in: a toy trained on generated shapes scenes, reads the word shown), 'tiny-random' (built in, random weights) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {DEFAULT_MODEL})")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
     add_device_map_option(g)
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = bfloat16 on GPU, float32 on CPU)")

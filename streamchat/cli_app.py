@@ -18,6 +18,13 @@ DEMO_NOTE = (
     "Demo: tiny-random has random weights, so its answers are noise. It shows the streaming, the "
     "timeline and the figures; run `streamchat chat VIDEO` with a real --model for real answers."
 )
+TOY_NOTE = (
+    "Demo: tiny-shapes is a toy model trained on synthetic shapes scenes like this one, nothing else. "
+    "It reads the word shown (ask \"What word was shown?\") and counts what is on screen (\"How many "
+    "shapes are on screen at 00:05?\"); it cannot tell the shapes apart yet, so colour, flash and order "
+    "answers are guesses. Run `streamchat chat VIDEO --model ...` with a real model for your videos."
+)
+NOTES = {"tiny-random": DEMO_NOTE, "tiny-shapes": TOY_NOTE}
 
 
 def register(sub) -> None:
@@ -37,15 +44,19 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="open the app on a generated sample clip with the tiny-random model (no download)",
-        description="Write a short synthetic clip into $STREAMCHAT_HOME and open it in the app with "
-        "tiny-random, a model with random weights: its answers are noise.",
+        help="open the app on a generated shapes scene with the built-in tiny-shapes model (no download)",
+        description="Write a generated shapes scene (moving shapes, one word shown for a second, a clock) into "
+        "$STREAMCHAT_HOME and open it in the app with tiny-shapes, a toy model trained on such scenes: it "
+        "reads the word shown and counts the shapes on screen. --model tiny-random shows the same with "
+        "random weights.",
     )
-    p.add_argument("--seconds", type=float, default=8.0, help="length of the sample clip (default: 8)")
+    p.add_argument("--seconds", type=int, default=12, help="length of the scene in whole seconds, 2 to 24 as tiny-shapes was trained (default: 12)")
+    p.add_argument("--seed", type=int, default=0, help="which generated scene (default: 0)")
     _add_app_options(p, realtime_default=True)
     add_video_options(p)
-    add_engine_options(p, history_default="keep")
-    p.set_defaults(func=cmd_demo, model="tiny-random", device="cpu")
+    # one question at a time, as tiny-shapes was trained: earlier turns are not kept
+    add_engine_options(p, history_default="drop")
+    p.set_defaults(func=cmd_demo, model="tiny-shapes", device="cpu")
 
 
 def _add_app_options(p, realtime_default: bool = False) -> None:
@@ -232,22 +243,31 @@ def cmd_chat(args) -> int:
                        realtime=args.realtime, loaded=loaded), keymap)
 
 
-def cmd_demo(args) -> int:
-    from .app import Launch
-    from .clips import make_clip
+def demo_clip(seed: int, seconds: int) -> Path:
+    """The demo's clip: generated scene `seed` (scenes.generate), written once into $STREAMCHAT_HOME/demo."""
+    from .scenes import generate
     from .store import home
 
+    clip = home() / "demo" / f"shapes-{seed}-{seconds}s.mp4"
+    if not clip.exists():  # written aside, then renamed: an interrupted write never leaves a clip behind
+        part = clip.with_name(clip.stem + ".part.mp4")
+        generate(seed, seconds=float(seconds)).write(part, fps=24.0)
+        part.replace(clip)
+    return clip
+
+
+def cmd_demo(args) -> int:
+    from .app import Launch
+
     keymap = _keymap(args.keymap)
-    if args.seconds <= 0:
-        raise UserError(f"--seconds must be positive; got {args.seconds}")
+    if not 2 <= args.seconds <= 600:
+        raise UserError(f"--seconds must be 2 to 600 (tiny-shapes was trained on 2 to 24); got {args.seconds}")
     config = config_from(args)
     _need_terminal("demo")
-    clip = home() / "demo" / f"sample-{args.seconds:g}s.mp4"
-    if not clip.exists():
-        make_clip(clip, seconds=args.seconds, fps=24.0, width=224, height=224)
+    clip = demo_clip(args.seed, args.seconds)
     loaded = _load(args, config.model, args.dtype, config.max_new_tokens)
     with open_video(str(clip), config) as source:
         _check_memory(loaded, source, config)
-    note = DEMO_NOTE if args.model == "tiny-random" else None
+    note = NOTES.get(args.model)
     return _run(Launch(video=str(clip), config=config, device=args.device, dtype=args.dtype, note=note,
                        realtime=args.realtime, loaded=loaded), keymap)

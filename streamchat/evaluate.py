@@ -34,7 +34,7 @@ class EvalSettings:
     lengths: tuple[float, ...] = (16.0, 32.0, 64.0)  # stream lengths in seconds
     depths: tuple[float, ...] = DEPTHS  # V-NIAH's needle depths (it steps by 0.2; quarters here)
     policies: tuple[str, ...] = ("exact", "bounded")  # memory policies the stream is asked under
-    needle: str = "auto"  # word | sentence | auto: a sentence for a real checkpoint, the word for built-in models
+    needle: str = "auto"  # word | sentence | auto: a sentence for a real checkpoint, the word for built-in models (tiny-shapes reads words)
     offline: bool = True  # also the whole-video prefill, where it fits the context
     trials: int = 1  # haystack and needle pairs per length; accuracy is the share answered right
     seed: int = 0
@@ -55,11 +55,11 @@ def haystack(settings: EvalSettings, length: float, trial: int) -> tuple[Scene, 
 
 
 def needle_kind(setting: str, model_id: str) -> str:
-    from .models import TINY
+    from .models import BUILT_IN
 
     if setting != "auto":
         return setting
-    return "word" if model_id == TINY or model_id.startswith("random:") else "sentence"
+    return "word" if model_id in BUILT_IN or model_id.startswith("random:") else "sentence"
 
 
 def modes(settings: EvalSettings) -> list[str]:

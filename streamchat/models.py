@@ -1,4 +1,4 @@
-"""Model loading: a hub id, a local directory, `tiny-random` or `random:<arch>`; device and dtype."""
+"""Model loading: a hub id, a local directory, `tiny-shapes`, `tiny-random` or `random:<arch>`; device and dtype."""
 
 from __future__ import annotations
 
@@ -16,6 +16,16 @@ from .fingerprint import legacy_fingerprint, model_fingerprint
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-3B-Instruct"
 TINY = "tiny-random"
+TINY_SHAPES = "tiny-shapes"  # the trained toy checkpoint inside the package (its README.md is the model card)
+BUILT_IN = (TINY_SHAPES, TINY)  # models that need no download
+
+
+def checkpoint_source(model_id: str) -> str:
+    """What a checkpoint model id loads from: tiny-shapes' directory inside the package (loaded as any
+    user's local checkpoint is), else the id itself (a hub id or a local directory)."""
+    if model_id == TINY_SHAPES:
+        return str(Path(__file__).parent / "checkpoints" / TINY_SHAPES)
+    return model_id
 
 # The real Qwen2.5-VL-3B-Instruct architecture (qwen25vl.md), for speed and memory work without weights.
 QWEN25VL_3B = dict(
@@ -164,7 +174,7 @@ def load(model_id: str = DEFAULT_MODEL, device: str | None = None, dtype: str | 
         model = hf.build_from_config(config, dtype=dt, device=dev)
         processor = _random_processor()
     else:
-        model, processor = _load_real(model_id, dev, dt)
+        model, processor = _load_real(checkpoint_source(model_id), dev, dt)
     model.eval()
     fingerprint = model_fingerprint(model)  # before speed_up, which pads and fuses weights
     if dev.startswith("cuda") and not hf.is_split(model):
@@ -256,7 +266,7 @@ def _load_on_map(model_id: str, device_map: str | dict, main_device, dtype: str 
             if main_device is not None:
                 raise UserError("--device-map: main_device applies to tiny-random and random:<arch> models; "
                                 "for a checkpoint leave it out (accelerate runs cpu/disk parts on the first GPU)")
-            model, processor = _load_real(model_id, None, dt, device_map=device_map, offload_folder=offload)
+            model, processor = _load_real(checkpoint_source(model_id), None, dt, device_map=device_map, offload_folder=offload)
     except ValueError as exc:
         raise UserError(f"--device-map: {_first_line(exc)}") from exc
     model.eval()
@@ -274,7 +284,7 @@ def _load_real(model_id: str, dev: str | None, dt: torch.dtype, device_map=None,
         if not path.is_dir() or not (path / "config.json").exists():
             raise UserError(
                 f"--model {model_id}: not a model directory (no config.json); pass a Hugging Face id, "
-                "a local checkpoint directory, or --model tiny-random"
+                "a local checkpoint directory, or --model tiny-shapes / tiny-random"
             )
     if device_map is None:  # several GPUs: let accelerate spread the layers when one card is not enough
         device_map = "auto" if dev == "cuda" and torch.cuda.device_count() > 1 else dev
@@ -290,7 +300,7 @@ def _load_real(model_id: str, dev: str | None, dt: torch.dtype, device_map=None,
             pass
         raise UserError(
             f"could not fetch {model_id} from the Hugging Face hub (no network, or no such model): "
-            "use --model tiny-random to try streamchat offline, or pass a local checkpoint directory"
+            "use --model tiny-shapes or tiny-random to try streamchat offline, or pass a local checkpoint directory"
         ) from exc
 
 

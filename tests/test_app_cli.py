@@ -79,7 +79,7 @@ def test_without_a_terminal_chat_and_demo_refuse_instead_of_starting_the_app(cap
     assert main(["chat", str(cli_clip), "--model", "tiny-random"]) == 2  # pytest captures stdin/out/err
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs a terminal" in err and "but stdin, stdout and stderr are not terminals;" in err
-    assert main(["demo", "--seconds", "1"]) == 2
+    assert main(["demo", "--seconds", "2"]) == 2
     assert "`streamchat demo` is a full-screen app and needs a terminal" in capsys.readouterr().err
 
 
@@ -153,19 +153,31 @@ def test_library_log_lines_go_to_a_file_while_the_app_runs(tmp_path, capfd):
     assert "after the app" not in (tmp_path / "app.log").read_text()
 
 
-def test_demo_writes_a_clip_in_home_and_opens_tiny_random_with_a_note(monkeypatch, streamchat_home):
+def test_demo_writes_a_shapes_scene_in_home_and_opens_tiny_shapes_with_a_note(monkeypatch, streamchat_home):
     import streamchat.cli_app as cli_app
+    from streamchat.scenes import generate
+    from streamchat.video import VideoSource
 
-    opened = {}
-    monkeypatch.setattr(cli_app, "_run", lambda launch, keymap: opened.setdefault("launch", launch) and 0)
+    opened = []
+    monkeypatch.setattr(cli_app, "_run", lambda launch, keymap: opened.append(launch) and 0)
     with terminal(monkeypatch):
-        assert main(["demo", "--seconds", "1"]) == 0
-    launch = opened["launch"]
-    assert launch.config.model == "tiny-random" and launch.device == "cpu" and launch.config.history == "keep"
-    assert launch.loaded is not None and launch.loaded.model_id == "tiny-random"  # loaded before the app opens
-    assert "random weights" in launch.note and "noise" in launch.note
+        assert main(["demo", "--seconds", "4", "--seed", "3"]) == 0
+        assert main(["demo", "--seconds", "4", "--model", "tiny-random"]) == 0
+    launch, noise = opened
+    assert launch.config.model == "tiny-shapes" and launch.device == "cpu" and launch.config.history == "drop"
+    assert launch.loaded is not None and launch.loaded.model_id == "tiny-shapes"  # loaded before the app opens
+    assert "toy model trained on synthetic shapes" in launch.note and "What word was shown?" in launch.note
     assert launch.realtime is True  # the demo streams at the clip's own pace, so there is encoding to watch
-    assert launch.video.startswith(str(streamchat_home)) and (streamchat_home / "demo").is_dir()
+    assert launch.video == str(streamchat_home / "demo" / "shapes-3-4s.mp4")
+    assert sorted(p.name for p in (streamchat_home / "demo").iterdir()) == ["shapes-0-4s.mp4", "shapes-3-4s.mp4"]
+    assert noise.config.model == "tiny-random" and "noise" in noise.note
+
+
+def test_demo_refuses_lengths_it_cannot_play(monkeypatch, streamchat_home):
+    with terminal(monkeypatch) as written:
+        assert main(["demo", "--seconds", "1"]) == 2
+        assert "--seconds must be 2 to 600" in written()
+    assert not (streamchat_home / "demo").exists()
 
 
 def test_on_quit_the_session_and_its_resume_command_are_printed(capsys, cli_clip):

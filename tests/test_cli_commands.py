@@ -247,7 +247,7 @@ def test_streamchat_model_sets_the_default_model_but_not_demos(monkeypatch):
     for name in ("ask", "compare", "run", "chat"):
         [action] = [a for a in commands[name]._actions if a.dest == "model"]
         assert action.default == "tiny-random" and "from $STREAMCHAT_MODEL" in action.help
-    assert commands["demo"].parse_args([]).model == "tiny-random"
+    assert commands["demo"].parse_args([]).model == "tiny-shapes"
     assert commands["bench"].parse_args([]).model == "random:qwen2.5-vl-3b"
     monkeypatch.delenv("STREAMCHAT_MODEL")
     assert commands["ask"].get_default("model") == "tiny-random"  # parsers built before keep it
