@@ -50,7 +50,7 @@ def register(sub) -> None:
         "reads the word shown and counts the shapes on screen. --model tiny-random shows the same with "
         "random weights.",
     )
-    p.add_argument("--seconds", type=int, default=12, help="length of the scene in whole seconds, 2 to 24 as tiny-shapes was trained (default: 12)")
+    p.add_argument("--seconds", type=int, default=12, help="length of the scene in whole seconds, 2 to 600; tiny-shapes was trained on 2 to 24 (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="which generated scene (default: 0)")
     _add_app_options(p, realtime_default=True)
     add_video_options(p)

@@ -27,6 +27,7 @@ def checkpoint_source(model_id: str) -> str:
         return str(Path(__file__).parent / "checkpoints" / TINY_SHAPES)
     return model_id
 
+
 # The real Qwen2.5-VL-3B-Instruct architecture (qwen25vl.md), for speed and memory work without weights.
 QWEN25VL_3B = dict(
     text_config=dict(

@@ -4,10 +4,11 @@ Data recipe (streamchat.tinyshapes): every batch is `--clips` fresh scenes of on
 3 shapes, 0 to 5 flashes, one word or digit, a clock strip), sampled at 2 fps, half of them round-tripped
 through H.264 (libx264 crf 18, what `make-clip` writes) so the model sees codec artefacts as decord
 gives them. Each clip gets `--questions` template questions, each of a kind drawn uniformly. The
-curriculum (`curriculum`): first 2 s plain clips (every shape and the word on screen the whole time) with
-word and colour questions only, then every kind with the longest clip growing to 24 s. A prompt is exactly what streamchat prefills for a one-turn question
-after the whole clip (`layout.one_turn` and `layout.render`: the same token ids and M-RoPE positions),
-so a streamed answer is the trained computation. The loss is the cross entropy of the answer's tokens
+curriculum (`curriculum`): first 2 s plain clips (every shape and the word on screen the whole time)
+with word, colour and shape questions only, then every kind with the longest clip growing to 24 s. A
+prompt is exactly what streamchat prefills for a one-turn question after the whole clip
+(`layout.one_turn` and `layout.render`: the same token ids and M-RoPE positions), so a streamed answer
+is the trained computation. The loss is the cross entropy of the answer's tokens
 and its `<|im_end|>`. Batch b is made from (seed, b) alone, so the run does not depend on how many
 workers make the batches.
 
@@ -124,12 +125,11 @@ def curriculum(index: int, count: int, seconds: tuple[int, int], ramp: float, fi
     """Clip lengths, question kinds and whether the clips are plain, for batch `index` of `count`.
 
     The first `first` of the run: plain clips of the shortest length (tinyshapes.training_scene:
-    everything on screen the whole time), and only FIRST_KINDS (of `kinds`), which the answers' priors cannot answer,
-    so the model learns to look, and to tell the shapes apart, before it can learn to guess (on the
-    CPU, 2 s clips with word and colour questions at lr 5e-4: words went from chance to 53% right
-    between steps 250 and 375, but few colour questions fit 2 s clips with changes and colour stayed
-    at chance; two GPU runs with every kind from the start at lr 1.5e-3 stayed at the priors for
-    2,500 steps, docs/tiny-shapes.md). Then every kind on full clips, and the longest clip grows
+    everything on screen the whole time), and only FIRST_KINDS (of `kinds`), which the answers'
+    priors cannot answer, so the model learns to look, and to tell the shapes apart, before it can
+    learn to guess. On the H200 (docs/tiny-shapes.md) plain clips took words from chance to 94-100%
+    right; the word shown for 1 s of a 4 s clip, or every kind from the start, left the model at the
+    answers' priors for thousands of steps. Then every kind on full clips, and the longest clip grows
     from the shortest to seconds[1] over the next `ramp` of the run."""
     lo, hi = seconds
     stage = round(first * count)
@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", default=f"{tinyshapes.SECONDS[0]},{tinyshapes.SECONDS[1]}",
                    help="clip lengths MIN,MAX in whole seconds (the held-out set uses the same range)")
     p.add_argument("--first", type=float, default=0.2,
-                   help="share of the steps first spent on plain MIN-second clips (every shape and the word on screen all the time) with word and colour questions only")
+                   help="share of the steps first spent on plain MIN-second clips (every shape and the word on screen all the time) with word, colour and shape questions only")
     p.add_argument("--ramp", type=float, default=0.3,
                    help="share of the steps, after --first, over which the longest clip grows from MIN to MAX (0: at once)")
     p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
