@@ -40,14 +40,17 @@ def add_video_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--min-pixels", type=int, default=d.min_pixels, help=f"per-frame pixel budget, lower bound (default: {d.min_pixels})")
 
 
-def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop") -> None:
+def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop", model_default: str | None = None,
+                       device_default: str = "auto") -> None:
     from .config import SessionConfig
     from .models import DEFAULT_MODEL
 
     d = SessionConfig()
+    model_default = model_default or DEFAULT_MODEL
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=DEFAULT_MODEL, help=f"Hugging Face id, local directory, 'tiny-shapes' (built in: a toy trained on generated shapes scenes, reads the word shown), 'tiny-random' (built in, random weights) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {DEFAULT_MODEL})")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: auto = cuda if present)")
+    g.add_argument("--model", default=model_default, help=f"Hugging Face id, local directory, 'tiny-shapes' (built in: a toy trained on generated shapes scenes, reads the word shown), 'tiny-random' (built in, random weights) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {model_default})")
+    device_help = "auto = cuda if present" if device_default == "auto" else device_default
+    g.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:N or auto (default: {device_help})")
     add_device_map_option(g)
     g.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default: auto = bfloat16 on GPU, float32 on CPU)")
     g.add_argument("--chunk-frames", type=int, default=d.chunk_frames, help=f"frames appended to the cache per step, even (default: {d.chunk_frames})")
@@ -445,7 +448,7 @@ MODEL_ENV = "STREAMCHAT_MODEL"
 
 def _model_default_from_env(parser: argparse.ArgumentParser) -> None:
     """$STREAMCHAT_MODEL replaces the built-in default --model (not a command's own default, such as
-    demo's tiny-random), so that --model need not be typed every time."""
+    demo's tiny-shapes), so that --model need not be typed every time."""
     from .models import DEFAULT_MODEL
 
     model = os.environ.get(MODEL_ENV, "").strip()

@@ -55,8 +55,8 @@ def register(sub) -> None:
     _add_app_options(p, realtime_default=True)
     add_video_options(p)
     # one question at a time, as tiny-shapes was trained: earlier turns are not kept
-    add_engine_options(p, history_default="drop")
-    p.set_defaults(func=cmd_demo, model="tiny-shapes", device="cpu")
+    add_engine_options(p, history_default="drop", model_default="tiny-shapes", device_default="cpu")
+    p.set_defaults(func=cmd_demo)
 
 
 def _add_app_options(p, realtime_default: bool = False) -> None:

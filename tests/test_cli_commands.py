@@ -304,3 +304,12 @@ def test_a_store_left_in_dot_sessions_by_an_older_streamchat_is_named_not_silent
     Store(tmp_path / "sessions" / "streamchat.db").close()
     rc, out, err = cli(capsys, "logs", "path")
     assert rc == 0 and "sessions/streamchat.db (from an older streamchat) is not read: set STREAMCHAT_HOME=sessions" in err
+
+
+def test_demo_help_names_the_defaults_it_uses():
+    demo = subparsers(build_parser())["demo"]
+    helps = {a.dest: a.help for a in demo._actions}
+    args = demo.parse_args([])
+    assert (args.model, args.device, args.history) == ("tiny-shapes", "cpu", "drop")
+    assert helps["model"].endswith("(default: tiny-shapes)") and helps["device"].endswith("(default: cpu)")
+    assert helps["history"].endswith("(default: drop)")
