@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="write into --out even if it holds files")
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     p.add_argument("--minutes", type=float, default=None, help="stop early after this many minutes of training")
-    p.add_argument("--clips", type=int, default=12, help="clips per batch")
-    p.add_argument("--questions", type=int, default=8, help="questions per clip")
+    p.add_argument("--clips", type=int, default=24, help="clips per batch")
+    p.add_argument("--questions", type=int, default=4, help="questions per clip")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (AdamW, warm-up then cosine)")
     p.add_argument("--warmup", type=int, default=200, help="warm-up steps")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and every batch")
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batches", type=int, default=8, help="held-out batches for the accuracy report")
     p.add_argument("--seconds", default=f"{tinyshapes.SECONDS[0]},{tinyshapes.SECONDS[1]}",
                    help="clip lengths MIN,MAX in whole seconds (the held-out set uses the same range)")
-    p.add_argument("--first", type=float, default=0.2,
+    p.add_argument("--first", type=float, default=0.3,
                    help="share of the steps first spent on plain MIN-second clips (every shape and the word on screen all the time) with word, colour and shape questions only")
     p.add_argument("--ramp", type=float, default=0.3,
                    help="share of the steps, after --first, over which the longest clip grows from MIN to MAX (0: at once)")
