@@ -257,18 +257,21 @@ def main(argv=None) -> int:
     if Path(args.out).exists() and any(Path(args.out).iterdir()) and not args.force:
         p.error(f"--out {args.out} exists and is not empty; pick another directory or add --force to overwrite")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.init is not None and not (Path(args.init) / "config.json").is_file():
+        p.error(f"--init {args.init}: not a checkpoint directory (no config.json); give an earlier run's --out")
+
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
     tok_dir = Path(tempfile.mkdtemp(prefix="tiny-shapes-tok-"))
     model, processor = tinyshapes.new_model_and_processor(args.seed, tok_dir)
     if args.init is not None:  # a later stage: the weights of an earlier run, the same architecture and tokenizer
-        earlier, _ = hf.load_pretrained(args.init, dtype=torch.float32, device_map="cpu", local_only=True)
         if hf.tokenizer_from_dir(args.init).get_vocab() != processor.tokenizer.get_vocab():
             p.error(f"--init {args.init}: not a tiny-shapes checkpoint of this recipe (another tokenizer); start fresh without --init")
+        earlier, _ = hf.load_pretrained(args.init, dtype=torch.float32, device_map="cpu", local_only=True)
         model.load_state_dict(earlier.state_dict())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     model.to(device).train()
     hf.use_training_attention(model)
     params = sum(p.numel() for p in model.parameters())

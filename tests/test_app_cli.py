@@ -155,8 +155,6 @@ def test_library_log_lines_go_to_a_file_while_the_app_runs(tmp_path, capfd):
 
 def test_demo_writes_a_shapes_scene_in_home_and_opens_tiny_shapes_with_a_note(monkeypatch, streamchat_home):
     import streamchat.cli_app as cli_app
-    from streamchat.scenes import generate
-    from streamchat.video import VideoSource
 
     opened = []
     monkeypatch.setattr(cli_app, "_run", lambda launch, keymap: opened.append(launch) and 0)

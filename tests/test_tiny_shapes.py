@@ -74,8 +74,8 @@ def test_streaming_equals_offline_on_every_question_of_the_held_out_clips(questi
 
 
 def test_the_needle_is_found_at_every_depth_exact_bounded_and_offline(tmp_path, monkeypatch):
-    """At the training lengths: 8 s fits exact memory; 24 s does not fit a 1,024-token cache, so bounded memory must bring the
-    needle's pages back for the question."""
+    """At the training lengths: 8 s fits exact memory; 24 s does not fit a 1,024-token cache, so
+    bounded memory must bring the needle's pages back for the question."""
     monkeypatch.setenv("STREAMCHAT_HOME", str(tmp_path))
     doc = run(["eval", "--model", "tiny-shapes", "--device", "cpu", "--lengths", "8,24", "--gpu-kv-budget", "1024",
                "--retrieve-tokens", "256", "--out", str(tmp_path / "needle.json"), "--json"])

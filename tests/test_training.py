@@ -114,7 +114,7 @@ def test_curriculum_looks_first_then_grows_the_longest_clip():
     assert train.curriculum(20, 100, (2, 24), 0.4) == ((2, 13), every, False)
     assert train.curriculum(40, 100, (2, 24), 0.4) == ((2, 24), every, False) == train.curriculum(99, 100, (2, 24), 0.4)
     assert train.curriculum(0, 100, (2, 24), 0.0) == ((2, 24), every, False)
-    # a first stage of plain 4 s clips and questions no prior answers, then the ramp starts from the shortest
+    # a first stage of plain clips of the shortest length and questions no prior answers, then the ramp
     assert train.curriculum(19, 100, (2, 24), 0.4, first=0.2) == ((2, 2), ("colour", "shape", "word"), True)
     assert train.curriculum(20, 100, (2, 24), 0.4, first=0.2) == ((2, 2), every, False)
     assert train.curriculum(40, 100, (2, 24), 0.4, first=0.2) == ((2, 13), every, False)
@@ -187,6 +187,18 @@ def test_the_command_writes_a_checkpoint_that_loads_as_a_local_directory(tmp_pat
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as exit_:
         train.main(["--out", str(tmp_path / "new"), *args])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("init, says", [
+    ("missing", "not a checkpoint directory (no config.json)"),
+    ("tiny-shapes", "not a tiny-shapes checkpoint of this recipe (another tokenizer)"),  # trained before the shape questions
+])
+def test_init_from_something_this_recipe_cannot_continue_is_one_line_and_exit_2(tmp_path, capsys, init, says):
+    source = models.checkpoint_source(init) if init == "tiny-shapes" else str(tmp_path / init)
+    with pytest.raises(SystemExit) as exit_:
+        train.main(["--out", str(tmp_path / "new"), "--steps", "1", "--device", "cpu", "--init", source])
     assert exit_.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "new").exists()
 
