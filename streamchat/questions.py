@@ -33,8 +33,7 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
     rng = random.Random(seed)
     out: list[QA] = []
     named = []  # (shape, moment) of each colour question: the shape questions ask the other way round
-    shown = [s for s in scene.shapes if s.appear_s < scene.seconds]  # a shape due after the end is not in the clip
-    for shape in shown:
+    for shape in scene.shapes:
         moments = [t for t in range(int(scene.seconds) + 1) if _steady(scene, shape.kind, t)]
         if moments:
             t = rng.choice(moments)
@@ -47,16 +46,16 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
             out.append(QA("shape", f"Which shape is {colour} at {clock(t)}?", shape.kind, float(t)))
     if len(scene.words) == 1:
         out.append(QA("word", "What word was shown?", scene.words[0].text))
-    for shape in shown:
+    for shape in scene.shapes:
         count = sum(f.kind == shape.kind for f in scene.flashes)
         out.append(QA("flashes", f"How many times did the {shape.kind} flash?", str(count)))
-    kinds = [s.kind for s in shown]
+    kinds = [s.kind for s in scene.shapes]
     for i, a in enumerate(kinds):
         for b in kinds[i + 1:]:
             first = min((a, b), key=lambda k: scene.shape(k).appear_s)
             x, y = rng.sample([a, b], 2)
             out.append(QA("order", f"What appeared first, the {x} or the {y}?", first))
-    appear = [s.appear_s for s in shown]
+    appear = [s.appear_s for s in scene.shapes]
     counts = [t for t in range(int(scene.seconds) + 1) if t <= scene.seconds - MARGIN_S
               and all(abs(t - a) > MARGIN_S for a in appear)]
     if counts:

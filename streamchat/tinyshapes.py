@@ -83,15 +83,10 @@ def scene_seed(seed: int, n: int, held_out: bool) -> int:
     return HELD_OUT + n * 1009 + seed if held_out else (n * 1009 + seed) % HELD_OUT
 
 
-def training_scene(seed: int, seconds: int | None = None, size: int = SIZE, plain: bool = False,
-                   solo: bool = False) -> Scene:
+def training_scene(seed: int, seconds: int | None = None, size: int = SIZE, plain: bool = False) -> Scene:
     """The clip of training example `seed` (held-out sets use seeds training never draws), size x size
     pixels. `plain`: the first stage's clips, where what to look for is on screen the whole time: every
-    shape from the start, still and in one colour, no flashes, the word shown from start to end.
-    `solo` (with `plain`): only the first of the shapes is ever on screen, in its lane and at its
-    size (the others appear after the clip ends), so "Which shape is red?" has its answer in every
-    token the shape touches: the tower learns what tells the shapes apart before the text model must
-    learn which tokens to read it from."""
+    shape from the start, still and in one colour, no flashes, the word shown from start to end."""
     rng = random.Random(seed * 7919 + 17)
     if seconds is None:
         seconds = rng.randint(*SECONDS)
@@ -101,9 +96,6 @@ def training_scene(seed: int, seconds: int | None = None, size: int = SIZE, plai
     if not plain:
         return scene
     shapes = [dataclasses.replace(s, appear_s=0.0, vx=0.0, vy=0.0, colours=[(0.0, s.colours[0][1])]) for s in scene.shapes]
-    if solo:  # the rest appear after the end: never on screen, never asked about, the same lanes and radius
-        later = float(seconds) + 1.0
-        shapes[1:] = [dataclasses.replace(s, appear_s=later, colours=[(later, s.colours[0][1])]) for s in shapes[1:]]
     words = [dataclasses.replace(w, start_s=0.0, end_s=float(seconds)) for w in scene.words]
     return dataclasses.replace(scene, shapes=shapes, words=words)
 

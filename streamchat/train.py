@@ -74,17 +74,14 @@ def prompt(vocab: Vocab, frames: int, qa: QA, grid: int) -> tuple[list[int], tor
 
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
-               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False,
-               solo: float = 0.0) -> dict:
+               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False) -> dict:
     """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range), `plain` ones
-    (tinyshapes.training_scene) in the first stage, a `solo` share of those showing one shape only:
-    tensors on the CPU."""
+    (tinyshapes.training_scene) in the first stage: tensors on the CPU."""
     rng = random.Random(seed * 1_000_003 + index)
     seconds = rng.randint(*seconds)
     pixels, grids, seqs = [], [], []
     for c in range(clips):
-        one = plain and solo > 0 and rng.random() < solo
-        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain, one)
+        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain)
         frames = clip_frames(scene, rng.random() < h264_share)
         pv, grid = hf.video_pixels(processor, frames)
         pixels.append(pv)
@@ -92,7 +89,7 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
         g = int(grid[0, 1]) // 2  # merged grid side
         for qa in tinyshapes.pick_questions(scene, rng, per_clip, kinds):
             ids, pos, start = prompt(vocab, len(frames), qa, g)
-            seqs.append((c, ids, pos, start, qa.kind + (" solo" if one else "")))  # the report keeps solo clips apart
+            seqs.append((c, ids, pos, start, qa.kind))
     if not seqs:
         raise ValueError(f"no question of the kinds {', '.join(kinds)} fits {clips} clip(s) of {seconds} s; ask other kinds or longer clips")
     width = max(len(s[1]) for s in seqs)
@@ -148,8 +145,7 @@ class Batches(torch.utils.data.Dataset):
 
     def __init__(self, seed: int, count: int, clips: int, per_clip: int, tokenizer_dir: Path, *, held_out: bool = False,
                  seconds: tuple[int, int] = tinyshapes.SECONDS, ramp: float = 0.0, first: float = 0.0,
-                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, solo: float = 0.0):
-        self.solo = solo
+                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE):
         self.seed, self.count, self.clips, self.per_clip, self.tokenizer_dir = seed, count, clips, per_clip, str(tokenizer_dir)
         self.held_out, self.seconds, self.ramp, self.first, self.kinds, self.size = held_out, seconds, ramp, first, kinds, size
         self.processor = self.vocab = None
@@ -165,7 +161,7 @@ class Batches(torch.utils.data.Dataset):
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
         lengths, kinds, plain = curriculum(index, self.count, self.seconds, self.ramp, self.first, self.kinds)
         return make_batch(self.seed, index, self.clips, self.per_clip, self.processor, self.vocab, held_out=self.held_out,
-                          seconds=lengths, kinds=kinds, size=self.size, plain=plain, solo=self.solo)
+                          seconds=lengths, kinds=kinds, size=self.size, plain=plain)
 
 
 def _one_thread(_worker: int) -> None:
@@ -233,8 +229,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clip lengths MIN,MAX in whole seconds (the held-out set uses the same range)")
     p.add_argument("--first", type=float, default=0.3,
                    help="share of the steps first spent on plain MIN-second clips (every shape and the word on screen all the time) with word, colour and shape questions only")
-    p.add_argument("--solo", type=float, default=0.5,
-                   help="share of the first stage's clips that show one shape only (its answer in every token it touches: the tower learns the shapes apart)")
     p.add_argument("--ramp", type=float, default=0.3,
                    help="share of the steps, after --first, over which the longest clip grows from MIN to MAX (0: at once)")
     p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
@@ -253,8 +247,6 @@ def main(argv=None) -> int:
         seconds = tuple(int(x) for x in args.seconds.split(","))
     except ValueError:
         seconds = ()
-    if not 0.0 <= args.solo <= 1.0:
-        p.error(f"--solo {args.solo}: give a share from 0 to 1")
     if len(seconds) != 2 or not 2 <= seconds[0] <= seconds[1]:
         p.error(f"--seconds {args.seconds}: give MIN,MAX whole seconds with 2 <= MIN <= MAX, e.g. 2,24")
     if problem := tinyshapes.size_problem(args.size):
@@ -288,7 +280,7 @@ def main(argv=None) -> int:
     def loader(count, held_out, workers):
         data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out=held_out,
                        seconds=seconds, ramp=0.0 if held_out else args.ramp, first=0.0 if held_out else args.first,
-                       kinds=kinds, size=args.size, solo=args.solo)
+                       kinds=kinds, size=args.size)
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 

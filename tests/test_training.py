@@ -17,7 +17,6 @@ from streamchat import models, tinyshapes, train
 from streamchat.fingerprint import config_fingerprint
 from streamchat.layout import Vocab
 from streamchat.questions import QA, questions
-from streamchat.scenes import BACKGROUNDS, COLOURS
 
 from reference_qwen import processor_inputs, reference_positions, user
 
@@ -131,29 +130,6 @@ def test_plain_scenes_show_everything_the_whole_time():
         busy = tinyshapes.training_scene(seed, 4)
         assert [s.kind for s in busy.shapes] == [s.kind for s in scene.shapes]  # the same draw otherwise
     assert any(tinyshapes.training_scene(seed, 8).flashes for seed in range(20))
-
-
-def test_solo_scenes_show_one_shape_at_the_size_of_the_full_scene():
-    """A solo clip draws its one shape as the plain clip does (same place, size, colour) and nothing of
-    the others; its questions are about that shape alone."""
-    for seed in range(12):
-        plain = tinyshapes.training_scene(seed, 2, plain=True)
-        solo = tinyshapes.training_scene(seed, 2, plain=True, solo=True)
-        only = plain.shapes[0]
-        assert solo.visible(0) == solo.visible(1.9) == [only.kind]
-        assert solo.radius() == plain.radius() and solo.centre(only.kind, 1) == plain.centre(only.kind, 1)
-        a, b = plain.frame(1.0), solo.frame(1.0)
-        background = np.array(BACKGROUNDS[solo.background], dtype=np.uint8)
-        body = np.all(b != background, axis=-1)
-        body[: int(solo.height * 0.2)] = body[int(solo.height * 0.8):] = False  # clock strip and caption aside
-        assert body.any() and np.all(a[body] == b[body])  # the shape's pixels, as in the plain clip
-        assert np.all(b[body] == np.array(COLOURS[only.colours[0][1]], dtype=np.uint8))
-        asked = questions(solo, seed)
-        assert {q.kind for q in asked} == {"colour", "shape", "word", "flashes", "count"}  # no order with one shape
-        for q in asked:
-            assert q.kind not in ("colour", "flashes") or only.kind in q.question
-        assert next(q.answer for q in asked if q.kind == "shape") == only.kind
-        assert next(q.answer for q in asked if q.kind == "count") == "1"
 
 
 def test_the_h264_round_trip_keeps_the_picture():
