@@ -89,8 +89,11 @@ def video_pixels(processor, frames: np.ndarray) -> tuple[torch.Tensor, torch.Ten
 
     Returns pixel_values [N/2 * gh * gw, C*2*14*14] (float32) and grid_thw [1, 3].
     """
+    # as a channels-first tensor: the processor's own pixels, 6x faster than from a numpy array
+    # (tests/test_equivalence.py compares with the processor given the numpy frames)
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
     out = processor.video_processor(
-        videos=[frames],
+        videos=[video],
         do_resize=False,  # streamchat resized the frames; both modes see the same pixels
         do_sample_frames=False,
         cap_pixels_per_frame=False,
