@@ -20,9 +20,9 @@ DEMO_NOTE = (
 )
 TOY_NOTE = (
     "Demo: tiny-shapes is a toy model trained on synthetic shapes scenes like this one, nothing else. "
-    "It reads the word shown (ask \"What word was shown?\") and counts what is on screen (\"How many "
-    "shapes are on screen at 00:05?\"); it cannot tell the shapes apart yet, so colour, flash and order "
-    "answers are guesses. Run `streamchat chat VIDEO --model ...` with a real model for your videos."
+    "Ask \"What word was shown?\", a shape's colour or a colour's shape at 00:05, which shape appeared "
+    "first, how often one flashed, how many are on screen; about 4 answers in 5 are right. "
+    "Your videos: `streamchat chat VIDEO --model ...`."
 )
 NOTES = {"tiny-random": DEMO_NOTE, "tiny-shapes": TOY_NOTE}
 
