@@ -8,7 +8,9 @@ curriculum (`curriculum`): first 2 s plain clips (every shape and the word on sc
 with word, colour and shape questions only, then every kind with the longest clip growing to 24 s. A
 prompt is exactly what streamchat prefills for a one-turn question after the whole clip
 (`layout.one_turn` and `layout.render`: the same token ids and M-RoPE positions), so a streamed answer
-is the trained computation. The loss is the cross entropy of the answer's tokens
+is the trained computation. A clip's questions share one pass over its video (`pack`: one row per
+clip, each question's own tokens seeing the shared prefix and themselves only), which gives every
+question the logits of its prompt run alone. The loss is the cross entropy of the answer's tokens
 and its `<|im_end|>`. Batch b is made from (seed, b) alone, so the run does not depend on how many
 workers make the batches.
 
@@ -72,46 +74,86 @@ def prompt(vocab: Vocab, frames: int, qa: QA, grid: int) -> tuple[list[int], tor
     return ids, pos, len(ids) - len(answer)
 
 
+def pack(prompts: list[tuple[list[int], torch.Tensor, int]]) -> tuple[list[int], torch.Tensor, list[int], list[int]]:
+    """One clip's prompts (ids, positions, answer start) as one sequence: the prefix they share, once
+    (the head and the video: the long part), then each prompt's own rest. Returns the ids, the [3, L]
+    positions, each token's part (0: the shared prefix, j + 1: prompt j's rest) and, per prompt, the
+    offset at which its tokens lie (token i at i + offset). Under `part_mask` a prompt's rest sees
+    the prefix and itself only, so every token's logits are those of its prompt run alone
+    (tests/test_training.py holds them against stock `model(...)` on each prompt)."""
+    shared = min(start for _, _, start in prompts) - 1  # the token before each answer stays in its prompt's rest
+    first = prompts[0][0]
+    for ids, _, _ in prompts[1:]:
+        shared = next((i for i in range(shared) if ids[i] != first[i]), shared)
+    out_ids, out_pos, parts, offsets = list(first[:shared]), [prompts[0][1][:, :shared]], [0] * shared, []
+    for j, (ids, pos, _) in enumerate(prompts):
+        offsets.append(len(out_ids) - shared)
+        out_ids += ids[shared:]
+        out_pos.append(pos[:, shared:])
+        parts += [j + 1] * (len(ids) - shared)
+    return out_ids, torch.cat(out_pos, dim=1), parts, offsets
+
+
+def part_mask(parts: torch.Tensor) -> torch.Tensor:
+    """[B, 1, L, L] boolean attention mask (True: attend) from each token's part [B, L] (see `pack`;
+    -1 for padding): causal, and a token sees the shared prefix (part 0) and its own part only.
+    Padding sees itself, so that no row is empty."""
+    width = parts.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=parts.device).tril()
+    q, k = parts.unsqueeze(2), parts.unsqueeze(1)
+    allowed = causal & ((k == 0) | (k == q)) & (q >= 0)
+    allowed |= torch.eye(width, dtype=torch.bool, device=parts.device)
+    return allowed.unsqueeze(1)
+
+
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
                kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False) -> dict:
     """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range), `plain` ones
-    (tinyshapes.training_scene) in the first stage: tensors on the CPU."""
+    (tinyshapes.training_scene) in the first stage: tensors on the CPU. One row per clip: its
+    questions' prompts packed over one copy of the video (`pack`)."""
     rng = random.Random(seed * 1_000_003 + index)
     seconds = rng.randint(*seconds)
-    pixels, grids, seqs = [], [], []
+    pixels, grids, rows_of_clips, asked = [], [], [], []
     for c in range(clips):
         scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain)
         frames = clip_frames(scene, rng.random() < h264_share)
         pv, grid = hf.video_pixels(processor, frames)
+        g = int(grid[0, 1]) // 2  # merged grid side
+        qas = tinyshapes.pick_questions(scene, rng, per_clip, kinds)
+        if not qas:
+            continue
         pixels.append(pv)
         grids.append(grid)
-        g = int(grid[0, 1]) // 2  # merged grid side
-        for qa in tinyshapes.pick_questions(scene, rng, per_clip, kinds):
-            ids, pos, start = prompt(vocab, len(frames), qa, g)
-            seqs.append((c, ids, pos, start, qa.kind))
-    if not seqs:
+        prompts = [prompt(vocab, len(frames), qa, g) for qa in qas]
+        rows_of_clips.append((len(grids) - 1, *pack(prompts), prompts))
+        asked += [(len(grids) - 1, qa) for qa in qas]
+    if not rows_of_clips:
         raise ValueError(f"no question of the kinds {', '.join(kinds)} fits {clips} clip(s) of {seconds} s; ask other kinds or longer clips")
-    width = max(len(s[1]) for s in seqs)
+    width = max(len(r[1]) for r in rows_of_clips)
     pad = vocab.tok.convert_tokens_to_ids("<|endoftext|>")
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    pos = torch.zeros((3, len(seqs), width), dtype=torch.long)
-    rows, cols, targets, target_kinds = [], [], [], []
-    for b, (c, s_ids, s_pos, start, kind) in enumerate(seqs):
+    ids = torch.full((len(rows_of_clips), width), pad, dtype=torch.long)
+    parts = torch.full((len(rows_of_clips), width), -1, dtype=torch.long)
+    pos = torch.zeros((3, len(rows_of_clips), width), dtype=torch.long)
+    rows, cols, targets, target_kinds, question_of = [], [], [], [], []
+    q = 0
+    for b, (c, s_ids, s_pos, s_parts, offsets, prompts) in enumerate(rows_of_clips):
         n = len(s_ids)
         ids[b, :n] = torch.tensor(s_ids)
-        mask[b, :n] = 1
+        parts[b, :n] = torch.tensor(s_parts)
         pos[:, b, :n] = s_pos
         pos[:, b, n:] = s_pos[:, -1:] + 1 + torch.arange(width - n)
-        for j in range(start, n):  # the token at j is predicted from position j - 1
-            rows.append(b)
-            cols.append(j - 1)
-            targets.append(s_ids[j])
-            target_kinds.append(kind)
-    return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=[s[0] for s in seqs], ids=ids,
-                mask=mask, pos=pos, rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
-                kinds=target_kinds, seconds=seconds)
+        for (p_ids, _, start), offset in zip(prompts, offsets):
+            for j in range(start, len(p_ids)):  # token j of the prompt is predicted from token j - 1
+                rows.append(b)
+                cols.append(j - 1 + offset)
+                targets.append(p_ids[j])
+                target_kinds.append(asked[q][1].kind)
+                question_of.append(q)
+            q += 1
+    return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=[r[0] for r in rows_of_clips], ids=ids,
+                parts=parts, pos=pos, rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
+                kinds=target_kinds, question_of=torch.tensor(question_of), asked=asked, seconds=seconds)
 
 
 # questions no text prior answers: the model has to look. "shape" asks for the shape of a colour: its
@@ -169,7 +211,7 @@ def _one_thread(_worker: int) -> None:
 
 
 def step_logits(model, batch, device):
-    return hf.batch_logits(model, batch["ids"].to(device), batch["mask"].to(device), batch["pos"].to(device),
+    return hf.batch_logits(model, batch["ids"].to(device), part_mask(batch["parts"].to(device)), batch["pos"].to(device),
                            batch["pixel_values"].to(device), batch["grid_thw"].to(device), batch["clip_of"],
                            batch["rows"].to(device), batch["cols"].to(device))
 
@@ -178,14 +220,14 @@ def answers_right(logits, batch) -> dict[str, list[int]]:
     """Per question kind: [right, asked]. An answer is right when every one of its tokens (and the end
     of turn) is the argmax under teacher forcing, which is exactly when greedy decoding returns it."""
     hit = (logits.argmax(-1).cpu() == batch["targets"]).tolist()
-    per_seq: dict[int, bool] = {}
+    per_question: dict[int, bool] = {}
     kind_of: dict[int, str] = {}
-    for b, ok, kind in zip(batch["rows"].tolist(), hit, batch["kinds"]):
-        per_seq[b] = per_seq.get(b, True) and ok
-        kind_of[b] = kind
+    for q, ok, kind in zip(batch["question_of"].tolist(), hit, batch["kinds"]):
+        per_question[q] = per_question.get(q, True) and ok
+        kind_of[q] = kind
     table: dict[str, list[int]] = {}
-    for b, ok in per_seq.items():
-        for key in (kind_of[b], "all"):
+    for q, ok in per_question.items():
+        for key in (kind_of[q], "all"):
             tally(table, key, ok, 1)
     return table
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from streamchat import models, tinyshapes, train
+from streamchat import models, tiny, tinyshapes, train
 from streamchat.fingerprint import config_fingerprint
 from streamchat.layout import Vocab
 from streamchat.questions import QA, questions
@@ -69,31 +70,49 @@ def test_positions_by_hand_for_a_two_second_clip(fresh):
     assert ids[s : s + 128] == [vocab.video_pad] * 128 and ids[s + 128] == vocab.vision_end
 
 
-def test_the_batched_forward_is_the_models_own_forward(fresh):
-    """A padded batch of prompts of different lengths over two clips, each clip's tower run once: the
-    logits at the answer positions equal stock `model(...)` on each prompt alone, and the video matters."""
+def test_the_packed_forward_is_the_models_own_forward_on_each_prompt(fresh):
+    """Two clips with four questions each, packed one row per clip over one copy of its video: the
+    logits at every answer token equal stock `model(...)` on that question's prompt alone (rendered by
+    `train.prompt`, which the processor test above holds), the targets are the answer's tokens and its
+    end of turn, and the video matters."""
     model, processor, vocab = fresh
-    batch = train.make_batch(3, 0, 2, 3, processor, vocab, h264_share=0.0, seconds=(2, 3))
-    lengths = batch["mask"].sum(1).tolist()
-    assert len(set(lengths)) > 1  # padding is exercised
+    batch = train.make_batch(3, 0, 2, 4, processor, vocab, h264_share=0.0, seconds=(2, 3))
+    assert batch["parts"].shape[0] == 2 == len(batch["clip_of"])  # one row per clip
+    assert (batch["parts"] == -1).any() or batch["seconds"] == 2  # rows of different lengths are padded
+    assert len(batch["asked"]) == 8
     per_clip = batch["grid_thw"].prod(-1).tolist()
     with torch.no_grad():
         got = train.step_logits(model, batch, torch.device("cpu"))
-        for b, n in enumerate(lengths):
-            c = batch["clip_of"][b]
+        for q, (c, qa) in enumerate(batch["asked"]):
+            t, h, _ = batch["grid_thw"][c].tolist()
+            ids, pos, start = train.prompt(vocab, 2 * t, qa, h // 2)
             first = sum(per_clip[:c])
-            out = model(input_ids=batch["ids"][b : b + 1, :n], pixel_values_videos=batch["pixel_values"][first : first + per_clip[c]],
-                        video_grid_thw=batch["grid_thw"][c : c + 1], position_ids=batch["pos"][:, b : b + 1, :n], use_cache=False)
-            rows = (batch["rows"] == b).nonzero().flatten()
-            assert rows.numel() >= 2  # the answer and <|im_end|>
-            torch.testing.assert_close(got[rows], out.logits[0, batch["cols"][rows]], rtol=1e-4, atol=1e-5)
+            out = model(input_ids=torch.tensor([ids]), pixel_values_videos=batch["pixel_values"][first : first + per_clip[c]],
+                        video_grid_thw=batch["grid_thw"][c : c + 1], position_ids=pos.unsqueeze(1), use_cache=False)
+            rows = (batch["question_of"] == q).nonzero().flatten()
+            assert batch["targets"][rows].tolist() == ids[start:] and ids[-1] == vocab.im_end
+            assert set(batch["kinds"][r] for r in rows.tolist()) == {qa.kind}
+            torch.testing.assert_close(got[rows], out.logits[0, start - 1 : len(ids) - 1], rtol=1e-4, atol=1e-5)
         other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
         assert (train.step_logits(model, other, torch.device("cpu")) - got).abs().max() > 1e-3
-    targets = batch["targets"].tolist()
-    for b, n in enumerate(lengths):  # the targets are the answer's tokens, read from the prompt itself
-        rows = (batch["rows"] == b).nonzero().flatten().tolist()
-        assert [targets[r] for r in rows] == batch["ids"][b, n - len(rows) : n].tolist()
-        assert batch["ids"][b, n - 1] == vocab.im_end
+
+
+def test_pack_shares_the_common_prefix_and_keeps_each_answers_cue_in_its_own_part():
+    """Hand-made prompts: the longest common prefix is stored once, a prompt asked twice and a lone
+    prompt keep the token before their answer in their own part, and `part_mask` lets each part
+    see the prefix and itself only."""
+    pos = lambda n: torch.arange(n).expand(3, n)  # noqa: E731
+    a, b = ([1, 2, 3, 4, 9, 5], 5), ([1, 2, 3, 7, 9, 6], 5)
+    ids, positions, parts, offsets = train.pack([(a[0], pos(6), a[1]), (b[0], pos(6), b[1])])
+    assert ids == [1, 2, 3, 4, 9, 5, 7, 9, 6] and parts == [0, 0, 0, 1, 1, 1, 2, 2, 2] and offsets == [0, 3]
+    assert positions[0].tolist() == [0, 1, 2, 3, 4, 5, 3, 4, 5]
+    ids, _, parts, offsets = train.pack([(a[0], pos(6), a[1]), (a[0], pos(6), a[1])])  # asked twice
+    assert ids == [1, 2, 3, 4, 9, 5, 9, 5] and parts == [0, 0, 0, 0, 1, 1, 2, 2] and offsets == [0, 2]
+    assert train.pack([(a[0], pos(6), a[1])])[2] == [0, 0, 0, 0, 1, 1]
+    mask = train.part_mask(torch.tensor([[0, 0, 1, 1, 2, 2, -1]]))[0, 0]
+    assert mask[5].tolist() == [True, True, False, False, True, True, False]  # prefix and itself, causal
+    assert mask[3].tolist() == [True, True, True, True, False, False, False]
+    assert mask[6].tolist() == [False] * 6 + [True]  # padding sees only itself
 
 
 def test_batches_are_seeded_and_held_out_clips_are_never_trained_on(fresh):
@@ -193,12 +212,15 @@ def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, args, says):
 
 @pytest.mark.parametrize("init, says", [
     ("missing", "not a checkpoint directory (no config.json)"),
-    ("tiny-shapes", "not a tiny-shapes checkpoint of this recipe (another tokenizer)"),  # trained before the shape questions
+    ("retokenized", "not a tiny-shapes checkpoint of this recipe (another tokenizer)"),
 ])
 def test_init_from_something_this_recipe_cannot_continue_is_one_line_and_exit_2(tmp_path, capsys, init, says):
-    source = models.checkpoint_source(init) if init == "tiny-shapes" else str(tmp_path / init)
+    source = tmp_path / init
+    if init == "retokenized":  # the shipped checkpoint with tiny-random's tokenizer in place of its own
+        shutil.copytree(models.checkpoint_source("tiny-shapes"), source)
+        tiny.build_tokenizer(source)
     with pytest.raises(SystemExit) as exit_:
-        train.main(["--out", str(tmp_path / "new"), "--steps", "1", "--device", "cpu", "--init", source])
+        train.main(["--out", str(tmp_path / "new"), "--steps", "1", "--device", "cpu", "--init", str(source)])
     assert exit_.value.code == 2 and says in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "new").exists()
 
@@ -213,7 +235,7 @@ def test_an_existing_checkpoint_is_not_overwritten_without_force(tmp_path, capsy
 
 def test_an_answer_is_right_only_when_every_token_is():
     """Teacher-forced argmax per answer token, counted per question: one wrong token makes the answer wrong."""
-    batch = {"rows": torch.tensor([0, 0, 1, 1, 2, 2]), "targets": torch.tensor([3, 1, 4, 1, 2, 1]),
+    batch = {"question_of": torch.tensor([0, 0, 1, 1, 2, 2]), "targets": torch.tensor([3, 1, 4, 1, 2, 1]),
              "kinds": ["word", "word", "word", "word", "count", "count"]}
     logits = torch.zeros(6, 5)
     for i, t in enumerate([3, 1, 4, 0, 2, 1]):  # question 1's <|im_end|> is missed

@@ -94,9 +94,10 @@ def question_queries(model, embeds: torch.Tensor, position_ids: torch.Tensor, ca
 def batch_logits(model, ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  pixel_values: torch.Tensor, grid_thw: torch.Tensor, clip_of: list[int], rows: torch.Tensor,
                  cols: torch.Tensor) -> torch.Tensor:
-    """Training's forward: a padded batch of prompts ids [B, L] (mask [B, L], M-RoPE positions [3, B, L])
-    whose b-th prompt shows video clip_of[b] of the clips in pixel_values/grid_thw (the tower runs once
-    per clip); returns logits [N, V] at the N (rows[n], cols[n]) token positions only."""
+    """Training's forward: a padded batch of sequences ids [B, L] (an attention mask [B, L] of padding,
+    or [B, 1, L, L] of who sees whom; M-RoPE positions [3, B, L]) whose b-th sequence shows video
+    clip_of[b] of the clips in pixel_values/grid_thw (the tower runs once per clip); returns logits
+    [N, V] at the N (rows[n], cols[n]) token positions only."""
     features = model.model.get_video_features(pixel_values, grid_thw).pooler_output  # one [T*H*W, D] per clip
     embeds = model.model.get_input_embeddings()(ids)
     video = torch.cat([features[c] for c in clip_of]).to(embeds.dtype)
