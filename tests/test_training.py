@@ -241,3 +241,23 @@ def test_an_answer_is_right_only_when_every_token_is():
     for i, t in enumerate([3, 1, 4, 0, 2, 1]):  # question 1's <|im_end|> is missed
         logits[i, t] = 1.0
     assert train.answers_right(logits, batch) == {"word": [1, 2], "count": [1, 1], "all": [2, 3]}
+
+
+def test_the_shipped_checkpoints_script_runs_three_stages_this_parser_takes():
+    """scripts/train_tiny_shapes.sh, the shipped checkpoint's recipe: three `streamchat.train` commands,
+    each later one starting from the one before, and every option one the command still takes."""
+    import shlex
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "scripts" / "train_tiny_shapes.sh").read_text().replace("\\\n", " ")
+    commands = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith('"$PY" -m streamchat.train')]
+    assert len(commands) == 3
+    outs = []
+    for argv in commands:
+        args = train.build_parser().parse_args(argv)
+        assert args.init == (outs[-1] if outs else None)
+        outs.append(args.out)
+    assert outs[-1] == "$DIR/tiny-shapes"
+    shipped = json.loads((Path(models.checkpoint_source("tiny-shapes")) / "training.json").read_text())
+    assert {k: v for k, v in vars(args).items() if k not in ("out", "init", "device")} == \
+        {k: v for k, v in shipped["settings"].items() if k not in ("out", "init", "device")}
