@@ -137,7 +137,7 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
     pos = torch.zeros((3, len(rows_of_clips), width), dtype=torch.long)
     rows, cols, targets, target_kinds, question_of = [], [], [], [], []
     q = 0
-    for b, (c, s_ids, s_pos, s_parts, offsets, prompts) in enumerate(rows_of_clips):
+    for b, (_, s_ids, s_pos, s_parts, offsets, prompts) in enumerate(rows_of_clips):
         n = len(s_ids)
         ids[b, :n] = torch.tensor(s_ids)
         parts[b, :n] = torch.tensor(s_parts)
