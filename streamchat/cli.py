@@ -48,7 +48,7 @@ def add_engine_options(p: argparse.ArgumentParser, history_default: str = "drop"
     d = SessionConfig()
     model_default = model_default or DEFAULT_MODEL
     g = p.add_argument_group("model and engine")
-    g.add_argument("--model", default=model_default, help=f"Hugging Face id, local directory, 'tiny-shapes' (built in: a toy trained on generated shapes scenes, reads the word shown), 'tiny-random' (built in, random weights) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {model_default})")
+    g.add_argument("--model", default=model_default, help=f"Hugging Face id, local directory, 'tiny-shapes' (built in: a toy trained on generated shapes scenes, answers their template questions), 'tiny-random' (built in, random weights) or 'random:qwen2.5-vl-3b' (also -7b, -32b, -72b: published architectures, random weights) (default: {model_default})")
     device_help = "auto = cuda if present" if device_default == "auto" else device_default
     g.add_argument("--device", default=device_default, help=f"cpu, cuda, cuda:N or auto (default: {device_help})")
     add_device_map_option(g)

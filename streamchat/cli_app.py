@@ -47,8 +47,8 @@ def register(sub) -> None:
         help="open the app on a generated shapes scene with the built-in tiny-shapes model (no download)",
         description="Write a generated shapes scene (moving shapes, one word shown for a second, a clock) into "
         "$STREAMCHAT_HOME and open it in the app with tiny-shapes, a toy model trained on such scenes: it "
-        "reads the word shown and counts the shapes on screen. --model tiny-random shows the same with "
-        "random weights.",
+        "answers their template questions (the word shown, colours, shapes, flashes, order, counts), about "
+        "4 in 5 right. --model tiny-random shows the same with random weights.",
     )
     p.add_argument("--seconds", type=int, default=12, help="length of the scene in whole seconds, 2 to 600; tiny-shapes was trained on 2 to 24 (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="which generated scene (default: 0)")

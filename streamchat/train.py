@@ -125,19 +125,19 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
             continue
         pixels.append(pv)
         grids.append(grid)
+        asked += [(len(rows_of_clips), qa) for qa in qas]
         prompts = [prompt(vocab, len(frames), qa, g) for qa in qas]
-        rows_of_clips.append((len(grids) - 1, *pack(prompts), prompts))
-        asked += [(len(grids) - 1, qa) for qa in qas]
+        rows_of_clips.append((*pack(prompts), prompts))
     if not rows_of_clips:
         raise ValueError(f"no question of the kinds {', '.join(kinds)} fits {clips} clip(s) of {seconds} s; ask other kinds or longer clips")
-    width = max(len(r[1]) for r in rows_of_clips)
+    width = max(len(r[0]) for r in rows_of_clips)
     pad = vocab.tok.convert_tokens_to_ids("<|endoftext|>")
     ids = torch.full((len(rows_of_clips), width), pad, dtype=torch.long)
     parts = torch.full((len(rows_of_clips), width), -1, dtype=torch.long)
     pos = torch.zeros((3, len(rows_of_clips), width), dtype=torch.long)
     rows, cols, targets, target_kinds, question_of = [], [], [], [], []
     q = 0
-    for b, (_, s_ids, s_pos, s_parts, offsets, prompts) in enumerate(rows_of_clips):
+    for b, (s_ids, s_pos, s_parts, offsets, prompts) in enumerate(rows_of_clips):
         n = len(s_ids)
         ids[b, :n] = torch.tensor(s_ids)
         parts[b, :n] = torch.tensor(s_parts)
@@ -151,7 +151,7 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
                 target_kinds.append(asked[q][1].kind)
                 question_of.append(q)
             q += 1
-    return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=[r[0] for r in rows_of_clips], ids=ids,
+    return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=list(range(len(rows_of_clips))), ids=ids,
                 parts=parts, pos=pos, rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
                 kinds=target_kinds, question_of=torch.tensor(question_of), asked=asked, seconds=seconds)
 
@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=tinyshapes.SIZE, help="frame width and height in pixels (a multiple of 28)")
     p.add_argument("--kinds", default=",".join(tinyshapes.QUESTION_KINDS), help="question kinds to train on")
     p.add_argument("--bf16", action="store_true",
-                   help="bf16 autocast on a GPU (default: float32 with TF32 matmuls; batches, not the GPU, bound a run's speed)")
+                   help="bf16 autocast on a GPU (default: float32 with TF32 matmuls)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
     return p
 
