@@ -13,6 +13,7 @@ the bare word, what a model trained on these scenes learns to read.
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import tempfile
 from pathlib import Path
@@ -55,11 +56,23 @@ def haystack(settings: EvalSettings, length: float, trial: int) -> tuple[Scene, 
 
 
 def needle_kind(setting: str, model_id: str) -> str:
+    """auto: the word for built-in and random models and for checkpoints `streamchat.train` wrote (a
+    local directory with its training.json: they read words, not sentences); the sentence otherwise."""
     from .models import BUILT_IN
 
     if setting != "auto":
         return setting
-    return "word" if model_id in BUILT_IN or model_id.startswith("random:") else "sentence"
+    if model_id in BUILT_IN or model_id.startswith("random:") or _trained_here(model_id):
+        return "word"
+    return "sentence"
+
+
+def _trained_here(model_id: str) -> bool:
+    try:
+        record = json.loads((Path(model_id) / "training.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "held_out_accuracy" in record and "streamchat.train" in str(record.get("command", ""))
 
 
 def modes(settings: EvalSettings) -> list[str]:
@@ -344,7 +357,7 @@ def register(sub) -> None:
     g.add_argument("--policies", default=None, help=f"memory policies to stream under, comma-separated, from auto, exact, bounded; the budgets come from --gpu-kv-budget and friends (default: {','.join(d.policies)})")
     g.add_argument("--needle", choices=["auto", *NEEDLES], default=None, help="word: the bare word is shown, 'What word was shown?'; sentence: "
                    "'the secret word is …' is shown, 'What is the secret word?'; auto: sentence for a real checkpoint, word for "
-                   f"tiny-random and random:<arch> (default: {d.needle})")
+                   f"the built-in models, random:<arch> and checkpoints streamchat.train wrote (default: {d.needle})")
     g.add_argument("--trials", type=int, default=None, help=f"haystack and needle pairs per length (default: {d.trials})")
     g.add_argument("--width", type=int, default=None, help=f"scene width in pixels, even (default: {d.width})")
     g.add_argument("--height", type=int, default=None, help=f"scene height in pixels, even (default: {d.height})")

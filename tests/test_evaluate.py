@@ -121,6 +121,12 @@ def test_a_real_checkpoint_gets_the_secret_word_sentence(tmp_path):
     assert [needle_kind("auto", m) for m in ("tiny-random", "random:qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "/ckpt")] == [
         "word", "word", "sentence", "sentence"]
     assert needle_kind("word", "/ckpt") == "word"
+    # a checkpoint streamchat.train wrote reads words: a copy of tiny-shapes as a local directory
+    from streamchat.models import checkpoint_source
+
+    assert needle_kind("auto", checkpoint_source("tiny-shapes")) == "word"
+    (tmp_path / "training.json").write_text('{"note": "someone else\'s"}')
+    assert needle_kind("auto", str(tmp_path)) == "sentence"
     config = SessionConfig(model="x", sampling=Sampling(fps=2.0)).validate()
     settings = EvalSettings(lengths=(4.0,), depths=(0.0,), policies=(), offline=False, width=224, height=112)
 

@@ -33,3 +33,24 @@ def test_rotary_vision_matches_the_stock_float32_arithmetic(tokens, heads, dim):
         diff = (got.float() - ref.float()).abs()
         assert float(diff.max()) <= float(ref.float().abs().max()) * 2**-7
         assert float((diff > 0).float().mean()) < 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("heads,kv_heads,queries,cached", [(28, 4, 37, 20000), (40, 8, 64, 9000), (16, 2, 1, 5000)])
+def test_folded_short_block_attention_matches_float32(dtype, heads, kv_heads, queries, cached):
+    """A question on a long cache (the 7B's, the 32B's and the 3B's head groups): the cache part through
+    flash attention with the grouped heads folded into rows, the block causal, merged by log-sum-exp,
+    against the lower-right causal attention written out in float32."""
+    from streamchat.hf import attention
+
+    g = torch.Generator(device="cuda").manual_seed(queries)
+    q = torch.randn(1, heads, queries, 128, device="cuda", generator=g)
+    k = torch.randn(1, kv_heads, cached + queries, 128, device="cuda", generator=g)
+    v = torch.randn(1, kv_heads, cached + queries, 128, device="cuda", generator=g)
+    out = attention._split_attention(q.to(dtype), k.to(dtype), v.to(dtype), cached, 128**-0.5, flash=True)  # [1, L, H, D]
+    kr, vr = (t.to(dtype).float().repeat_interleave(heads // kv_heads, dim=1) for t in (k, v))
+    scores = q.to(dtype).float() @ kr.transpose(-1, -2) * 128**-0.5  # [1, H, L, S]
+    allowed = torch.arange(cached + queries, device="cuda").view(1, -1) <= (cached + torch.arange(queries, device="cuda")).view(-1, 1)
+    want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vr
+    err = (out.float().transpose(1, 2) - want).norm() / want.norm()
+    assert err < 1e-2, err

@@ -217,16 +217,17 @@ def test_split_cudnn_and_flash_attention_match_float32(dtype, clip_448, monkeypa
     (bf16/fp16 only: float32 keeps one SDPA call). The decode steps run over a 9k-token cache."""
     from streamchat.hf import attention
 
-    calls = {"split": 0, "cudnn": 0}
+    calls = {"split": 0, "cudnn": 0, "folded": 0}
     split, one = attention._split_attention, attention._attend_lse_one
 
-    def counting_split(*args, **kwargs):
+    def counting_split(*args, flash=False):
         calls["split"] += 1
-        return split(*args, **kwargs)
+        calls["folded"] += int(flash)
+        return split(*args, flash=flash)
 
-    def counting_one(q, k, v, causal, scale):
-        calls["cudnn"] += int(q.is_cuda and not causal)
-        return one(q, k, v, causal, scale)
+    def counting_one(q, k, v, causal, scale, flash=False):
+        calls["cudnn"] += int(q.is_cuda and not causal and not flash)
+        return one(q, k, v, causal, scale, flash)
 
     monkeypatch.setattr(attention, "_split_attention", counting_split)
     monkeypatch.setattr(attention, "_attend_lse_one", counting_one)
@@ -238,11 +239,14 @@ def test_split_cudnn_and_flash_attention_match_float32(dtype, clip_448, monkeypa
     assert stream.engine.cache_tokens > attention.PREFIX_BLOCK + 512
     if ON_GPU and dtype != torch.float32:
         assert calls["split"] >= 1 and calls["cudnn"] >= 1, calls
+    calls["folded"] = 0
     forced = forced_ids(stream)
     got, prompt, _ = engine_forced(stream.engine, forced)
+    if ON_GPU and dtype != torch.float32:  # the question: its cache part in one folded flash call
+        assert calls["folded"] >= 1, calls
     want = reference_forced(ref, prompt, stream.read_frames, stream.fps, stream.engine.vocab, forced)
     stock = stock_error(loaded, dtype, prompt, stream.read_frames, stream.fps, stream.engine.vocab, forced, want)
-    check("split cuDNN + flash attention; static decoder at 9k tokens", dtype, got, want, stock_same_dtype=stock, split_calls=calls["split"],
+    check("split cuDNN + flash attention, the question folded; static decoder at 9k tokens", dtype, got, want, stock_same_dtype=stock, split_calls=calls["split"],
           cache_tokens=stream.engine.cache_tokens)
 
 

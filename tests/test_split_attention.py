@@ -39,11 +39,12 @@ def test_attend_lse_is_sdpa_with_its_log_sum_exp(causal, n, s):
     assert torch.allclose(lse[0], torch.logsumexp(scores, dim=-1), atol=1e-5)
 
 
+@pytest.mark.parametrize("flash", [False, True])
 @pytest.mark.parametrize("prefix", [8, 16, 40])
-def test_split_attention_is_one_lower_right_call(prefix):
+def test_split_attention_is_one_lower_right_call(prefix, flash):
     n, s = 12, 52  # 40 cached tokens + 12 new ones
     q, k, v = _qkv(n, s, seed=prefix)
-    out = attention._split_attention(q, k, v, prefix, 0.25)  # [1, n, H, D]
+    out = attention._split_attention(q, k, v, prefix, 0.25, flash=flash)  # [1, n, H, D]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n, s), scale=0.25, enable_gqa=True)
     assert out.shape == (1, n, 4, 16)
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-6)
@@ -57,6 +58,42 @@ def test_split_applies_only_to_long_appends_on_a_long_cache(monkeypatch):
     assert not attention._split_applies(q[:, :, :1], attention.PREFIX_BLOCK)  # a decode step or a short question
     monkeypatch.setattr(attention, "SPLIT_ON_CPU", False)
     assert not attention._split_applies(q, attention.PREFIX_BLOCK)
+
+
+def test_fold_applies_only_to_short_blocks_with_grouped_heads_on_a_long_cache(monkeypatch):
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
+    cache = attention.FOLD_MIN_PREFIX
+    q, k = torch.zeros(1, 4, 30, 16), torch.zeros(1, 2, cache + 30, 16)
+    assert attention._fold_applies(q, k)
+    assert not attention._fold_applies(q, k[:, :, 1:])  # the cache is one token short
+    assert not attention._fold_applies(q, k.repeat(1, 2, 1, 1))  # no grouped heads: nothing to fold
+    assert not attention._fold_applies(q[:, :, :1], k[:, :, : cache + 1])  # a decode step: flash folds it itself
+    assert not attention._fold_applies(torch.zeros(1, 4, attention.SPLIT_MIN_QUERIES, 16), k)  # a long append splits
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", False)
+    assert not attention._fold_applies(q, k)
+
+
+def test_streaming_with_folded_short_blocks_matches_offline(tiny, clip_24fps, monkeypatch):
+    """Chunks and the question are short blocks on a cache past FOLD_MIN_PREFIX (here 40 tokens): the
+    cache part of their attention goes through the folded call, and the stream still equals offline."""
+    calls = []
+    real = attention._split_attention
+
+    def counted(query, key, value, prefix, scale, flash=False):
+        calls.append((query.shape[2], key.shape[2], prefix, flash))
+        return real(query, key, value, prefix, scale, flash)
+
+    monkeypatch.setattr(attention, "FOLD_MIN_PREFIX", 40)
+    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
+    monkeypatch.setattr(attention, "_split_attention", counted)
+    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
+    report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
+    assert report["match"]["identical"] is True
+    assert report["match"]["max_logit_diff"] <= 1e-4
+    folded = [c for c in calls if c[3]]
+    assert folded and len(folded) == len(calls)
+    assert all(prefix == kv - q >= 40 for q, kv, prefix, _ in folded)  # the whole cache before the block
+    assert any(q > 1 and q < 32 for q, _, _, _ in folded)  # the question, not only the chunks
 
 
 def test_streaming_with_split_attention_matches_offline(tiny, clip_24fps, monkeypatch):

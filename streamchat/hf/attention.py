@@ -19,10 +19,30 @@ PREFIX_BLOCK = 8192  # 4096 stalled 720p streams (22.7 against 25.3 frames/s, H2
 SPLIT_MIN_QUERIES = 512  # 448x448 chunks (512 tokens) gain (H200); questions (<= 256 tokens) would only pay plans
 SPLIT_ON_CPU = False  # tests turn the split on for the CPU, where it runs in plain torch
 
+# A short query block (a question, a small chunk) on a long cache with grouped KV heads: flash
+# attention runs one thread block per query head, so each KV head's cache is read once per query head
+# it serves (G = 7 times for the 7B, 5 for the 32B: 32B TTFT grew 5x faster with the cache than its
+# bytes). Folding the G heads into the rows reads it once: the cache before the block goes through one
+# unmasked flash call on [1, H_kv, G*L, D] (no plans to build, unlike cuDNN), the block itself through
+# the causal call, merged by log-sum-exp as for long appends.
+FOLD_MIN_PREFIX = 2048  # below this the cache is cheap to read G times; not worth the extra kernels
+
 
 def _split_applies(query, prefix: int) -> bool:
     if prefix <= 0 or query.shape[2] < SPLIT_MIN_QUERIES:
         return False
+    return _fast_kernels(query)
+
+
+def _fold_applies(query, key) -> bool:
+    """A short query block with grouped KV heads on a long cache (see FOLD_MIN_PREFIX)."""
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if not 1 < q_len < SPLIT_MIN_QUERIES or kv_len - q_len < FOLD_MIN_PREFIX or query.shape[1] == key.shape[1]:
+        return False
+    return _fast_kernels(query)
+
+
+def _fast_kernels(query) -> bool:
     if query.is_cuda:
         return query.dtype in (torch.bfloat16, torch.float16)
     return SPLIT_ON_CPU
@@ -32,7 +52,7 @@ KEY_PARTS = 2  # the unmasked prefix's keys go in this many parts, folded into t
 KEY_PARTS_MAX_QUERIES = 1024  # ... for chunks of at most this many tokens (720p's 2392 ran slower at some lengths)
 
 
-def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend_lse(q, k, v, causal: bool, scale: float, flash: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [1, H, L, D] over k/v [1, H_kv, S, D], and its log-sum-exp [1, H, L] (float32).
 
     Without a mask the keys are cut into KEY_PARTS parts, laid side by side in the batch (views, no
@@ -40,9 +60,12 @@ def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torc
     512-token chunk has too few rows to fill the GPU (H200: 344 -> 540-590 TFLOP/s at 49-98k keys,
     `scripts/attn_probe.py --part splitk`). Longer chunks fill it already: for 2392-token chunks the
     probe gained 11%, but in the stream cuDNN's plans for some part lengths ran slower (24.1 against
-    25.9 frames/s at 720p), so they go in one part.
+    25.9 frames/s at 720p), so they go in one part. `flash`: flash attention instead of cuDNN for the
+    unmasked call (short query blocks: flash splits the keys itself, and needs no plan per length).
     """
     s = k.shape[2]
+    if flash:
+        return _attend_lse_one(q, k, v, causal, scale, flash=True)
     if causal or KEY_PARTS < 2 or s % KEY_PARTS or q.shape[2] > KEY_PARTS_MAX_QUERIES or not (q.is_cuda or SPLIT_ON_CPU):
         return _attend_lse_one(q, k, v, causal, scale)
     b, h, n, d = q.shape
@@ -57,12 +80,12 @@ def _attend_lse(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torc
     return (o.float() * w).sum(0, keepdim=True), total
 
 
-def _attend_lse_one(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend_lse_one(q, k, v, causal: bool, scale: float, flash: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q [B, H, L, D] over k/v [B, H_kv, S, D], and its log-sum-exp [B, H, L] (float32).
 
     `causal` is the lower-right causal mask (query i sees keys up to S - L + i); otherwise no mask.
     The G = H / H_kv query heads of each KV head are folded into rows ([B, H_kv, G*L, D]): exact
-    without a mask, and no copies of the keys.
+    without a mask, and no copies of the keys. `flash`: the folded rows go to flash attention, not cuDNN.
     """
     b, h, n, d = q.shape
     hk = k.shape[1]
@@ -70,8 +93,11 @@ def _attend_lse_one(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, 
         if causal:  # flash attention's causal mask is aligned to the bottom right when n != S
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
             return out, lse
-        qf = q.reshape(b, hk, (h // hk) * n, d)  # a copy: q is strided (and expanded for key parts)
-        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qf, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+        qf = q.reshape(b, hk, (h // hk) * n, d)  # a view where q is contiguous, else a copy
+        if flash:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(qf, k, v, 0.0, False, False, scale=scale)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(qf, k, v, None, True, 0.0, False, False, scale=scale)[:2]
         return out.reshape(b, h, n, d), lse.reshape(b, h, n)
     qf = q.reshape(b, hk, (h // hk) * n, d)
     scores = torch.matmul(qf, k.transpose(-1, -2)).float() * scale  # [B, H_kv, G*L, S]
@@ -84,9 +110,10 @@ def _attend_lse_one(q, k, v, causal: bool, scale: float) -> tuple[torch.Tensor, 
     return out.reshape(b, h, n, d), lse.reshape(b, h, n)
 
 
-def _split_attention(query, key, value, prefix: int, scale: float) -> torch.Tensor:
-    """Lower-right causal attention as prefix (no mask) + tail (causal), merged; returns [B, L, H, D]."""
-    o1, l1 = _attend_lse(query, key[:, :, :prefix], value[:, :, :prefix], False, scale)
+def _split_attention(query, key, value, prefix: int, scale: float, flash: bool = False) -> torch.Tensor:
+    """Lower-right causal attention as prefix (no mask) + tail (causal), merged; returns [B, L, H, D].
+    `flash`: the prefix through flash attention (short query blocks), not cuDNN."""
+    o1, l1 = _attend_lse(query, key[:, :, :prefix], value[:, :, :prefix], False, scale, flash)
     o2, l2 = _attend_lse(query, key[:, :, prefix:], value[:, :, prefix:], True, scale)
     # softmax over both parts: o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2) = o2 + (o1 - o2) * sigmoid(l1 - l2)
     w = torch.sigmoid(l1 - l2).unsqueeze(-1)
@@ -118,8 +145,9 @@ def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     transformers' sdpa path, for a chunk of L new tokens on a cache of S, builds an [L, S+L] mask and
     repeats the KV heads (copying the whole cache per layer), which forces the slow masked kernel.
     Here: q_len == 1 needs no mask; q_len == kv_len is plain causal; a long chunk on a long cache is
-    split (`_split_attention`); otherwise the causal mask is aligned to the bottom right
-    (`causal_lower_right`), which flash/efficient kernels take as is.
+    split (`_split_attention`), as is a short block with grouped KV heads on a long cache (its cache
+    part through flash attention with the heads folded into rows); otherwise the causal mask is aligned
+    to the bottom right (`causal_lower_right`), which flash/efficient kernels take as is.
     streamchat never pads (batch 1), so `attention_mask` carries no extra information.
     """
     from torch.nn.attention.bias import causal_lower_right
@@ -129,6 +157,8 @@ def _stream_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     prefix = (kv_len - q_len) // PREFIX_BLOCK * PREFIX_BLOCK
     if _split_applies(query, prefix):
         return _split_attention(query, key, value, prefix, scale), None
+    if _fold_applies(query, key):  # the cache before the block once, not once per query head
+        return _split_attention(query, key, value, kv_len - q_len, scale, flash=True), None
     gqa = query.shape[1] != key.shape[1]
     if q_len == 1:
         mask, causal = None, False
