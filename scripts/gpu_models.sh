@@ -6,10 +6,12 @@
 #   bash scripts/gpu_models.sh tests      # pytest -m gpu on the multi-device tests (tiny model, ~1 min)
 #   bash scripts/gpu_models.sh 7b         # 7B, 720p 192 frames then 448x448 768 frames
 #   bash scripts/gpu_models.sh 32b        # 32B, the same two runs
+#   bash scripts/gpu_models.sh 448        # the 448x448 runs only: 7B, then 32B
 #   bash scripts/gpu_models.sh split      # 7B with layers 20-27 computing on the CPU, 448x448, 32 frames
 #   bash scripts/gpu_models.sh 72b        # 72B over every visible GPU (nvidia-h200-x2 or larger)
 #
 # Every run writes its JSON, Markdown and printed table under $OUT (default sessions/gpu-models).
+# BENCH_ARGS adds options to every bench (e.g. BENCH_ARGS="--decode-seconds 0" where decord is missing).
 # --memory exact --gpu-kv-budget 200k: the whole stream stays on the GPU (115k tokens at 720p), so a
 # run never silently turns into bounded memory; exact memory that cannot hold it is refused up front.
 set -euo pipefail
@@ -21,7 +23,7 @@ run() {  # run NAME ARGS...: one bench, its table on stdout and in $OUT/NAME.txt
     local name=$1; shift
     echo "== $name: streamchat bench $*"
     "$PY" -m streamchat bench "$@" --max-new-tokens 32 --memory exact --gpu-kv-budget 200k \
-        --out "$OUT/$name.json" --report "$OUT/$name.md" | tee "$OUT/$name.txt"
+        --out "$OUT/$name.json" --report "$OUT/$name.md" ${BENCH_ARGS:-} | tee "$OUT/$name.txt"
 }
 
 p720=(--frames 192 --width 1288 --height 728)   # 720p resized to multiples of 28: 1,196 tokens a frame pair
@@ -35,6 +37,9 @@ case "${1:-all}" in
     run 7b-448 --model random:qwen2.5-vl-7b "${p448[@]}" ;;
   32b)
     run 32b-720p --model random:qwen2.5-vl-32b "${p720[@]}"
+    run 32b-448 --model random:qwen2.5-vl-32b "${p448[@]}" ;;
+  448)
+    run 7b-448 --model random:qwen2.5-vl-7b "${p448[@]}"
     run 32b-448 --model random:qwen2.5-vl-32b "${p448[@]}" ;;
   split)
     # layers 0-19 and everything else on cuda:0, layers 20-27 compute on the CPU ("main_device": "cpu";
@@ -60,5 +65,5 @@ EOF
   all)
     for what in tests 7b 32b split; do bash "$0" "$what"; done ;;
   *)
-    echo "usage: $0 tests|7b|32b|split|72b|all" >&2; exit 2 ;;
+    echo "usage: $0 tests|7b|32b|448|split|72b|all" >&2; exit 2 ;;
 esac
