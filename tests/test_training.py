@@ -243,15 +243,15 @@ def test_an_answer_is_right_only_when_every_token_is():
     assert train.answers_right(logits, batch) == {"word": [1, 2], "count": [1, 1], "all": [2, 3]}
 
 
-def test_the_shipped_checkpoints_script_runs_three_stages_this_parser_takes():
-    """scripts/train_tiny_shapes.sh, the shipped checkpoint's recipe: three `streamchat.train` commands,
+def test_the_shipped_checkpoints_script_runs_five_stages_this_parser_takes():
+    """scripts/train_tiny_shapes.sh, the shipped checkpoint's recipe: five `streamchat.train` commands,
     each later one starting from the one before, and every option one the command still takes."""
     import shlex
     from pathlib import Path
 
     text = (Path(__file__).parents[1] / "scripts" / "train_tiny_shapes.sh").read_text().replace("\\\n", " ")
     commands = [shlex.split(line)[3:] for line in text.splitlines() if line.startswith('"$PY" -m streamchat.train')]
-    assert len(commands) == 3
+    assert len(commands) == 5
     outs = []
     for argv in commands:
         args = train.build_parser().parse_args(argv)
