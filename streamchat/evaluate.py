@@ -351,7 +351,9 @@ def register(sub) -> None:
                    "template questions on held-out tiny-shapes clips, scored per question kind (default: needle)")
     p.add_argument("--lengths", default=None, help="stream lengths in seconds, comma-separated; with --task questions, whole seconds "
                    "of at least 2 that the clips take in turn (default: "
-                   f"{','.join(f'{x:g}' for x in d.lengths)}; {','.join(f'{x:g}' for x in q.lengths)}, the training range, with --task questions)")
+                   f"{','.join(f'{x:g}' for x in d.lengths)}; {','.join(f'{x:g}' for x in q.lengths)} with --task questions, "
+                   "the range every training stage covered; tiny-shapes' last two stages also trained on clips of up to 96 s, "
+                   "which --lengths 48,96 asks)")
     g = p.add_argument_group("--task needle")
     g.add_argument("--depths", default=None, help=f"needle depths in [0, 1], comma-separated (default: {','.join(f'{x:g}' for x in d.depths)})")
     g.add_argument("--policies", default=None, help=f"memory policies to stream under, comma-separated, from auto, exact, bounded; the budgets come from --gpu-kv-budget and friends (default: {','.join(d.policies)})")

@@ -28,7 +28,7 @@ MAX_NEW_TOKENS = 8  # answers are a word or a number; random weights never stop 
 @dataclasses.dataclass
 class QuizSettings:
     clips: int = 20  # held-out clips, spread over `lengths` in turn
-    lengths: tuple[int, ...] = (4, 8, 16, 24)  # whole seconds, across the training range (tinyshapes.SECONDS)
+    lengths: tuple[int, ...] = (4, 8, 16, 24)  # whole seconds: the range every training stage covered (the last two went to 96 s)
     seed: int = 0  # the run's seed: clip n is scene seed tinyshapes.scene_seed(seed, n, held_out=True)
     size: int = tinyshapes.SIZE  # frames are size x size, as in training
     offline: bool = True  # also the whole-video prefill per question

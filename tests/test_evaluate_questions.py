@@ -162,7 +162,7 @@ def test_eval_help_gives_the_questions_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     out = " ".join(capsys.readouterr().out.split())
-    for text in ("(default: needle)", "4,8,16,24, the training range, with --task questions)", "(default: 20)", "(default: 224, as in training)",
+    for text in ("(default: needle)", "4,8,16,24 with --task questions, the range every training stage covered", "(default: 20)", "(default: 224, as in training)",
                  "(default: 64; 8 with --task questions)"):
         assert text in out, text
 
