@@ -21,7 +21,7 @@ DEMO_NOTE = (
 TOY_NOTE = (
     "Demo: tiny-shapes is a toy model trained on synthetic shapes scenes like this one, nothing else. "
     "Ask \"What word was shown?\", a shape's colour or a colour's shape at 00:05, which shape appeared "
-    "first, how often one flashed, how many are on screen; about 4 answers in 5 are right. "
+    "first, how often one flashed, how many are on screen; about 5 answers in 6 are right. "
     "Your videos: `streamchat chat VIDEO --model ...`."
 )
 NOTES = {"tiny-random": DEMO_NOTE, "tiny-shapes": TOY_NOTE}
@@ -48,9 +48,9 @@ def register(sub) -> None:
         description="Write a generated shapes scene (moving shapes, one word shown for a second, a clock) into "
         "$STREAMCHAT_HOME and open it in the app with tiny-shapes, a toy model trained on such scenes: it "
         "answers their template questions (the word shown, colours, shapes, flashes, order, counts), about "
-        "4 in 5 right. --model tiny-random shows the same with random weights.",
+        "5 in 6 right. --model tiny-random shows the same with random weights.",
     )
-    p.add_argument("--seconds", type=int, default=12, help="length of the scene in whole seconds, 2 to 600; tiny-shapes was trained on 2 to 24 (default: 12)")
+    p.add_argument("--seconds", type=int, default=12, help="length of the scene in whole seconds, 2 to 600; tiny-shapes was trained on 2 to 96 (default: 12)")
     p.add_argument("--seed", type=int, default=0, help="which generated scene (default: 0)")
     _add_app_options(p, realtime_default=True)
     add_video_options(p)
@@ -261,7 +261,7 @@ def cmd_demo(args) -> int:
 
     keymap = _keymap(args.keymap)
     if not 2 <= args.seconds <= 600:
-        raise UserError(f"--seconds must be 2 to 600 (tiny-shapes was trained on 2 to 24); got {args.seconds}")
+        raise UserError(f"--seconds must be 2 to 600 (tiny-shapes was trained on 2 to 96); got {args.seconds}")
     config = config_from(args)
     _need_terminal("demo")
     clip = demo_clip(args.seed, args.seconds)
