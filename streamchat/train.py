@@ -108,17 +108,23 @@ def part_mask(parts: torch.Tensor) -> torch.Tensor:
 
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
-               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False) -> dict:
+               kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False,
+               frames_only: bool = False) -> dict:
     """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range), `plain` ones
     (tinyshapes.training_scene) in the first stage: tensors on the CPU. One row per clip: its
-    questions' prompts packed over one copy of the video (`pack`)."""
+    questions' prompts packed over one copy of the video (`pack`). `frames_only`: each clip's uint8
+    frames (`frames`, a quarter of the bytes) instead of its pixel values, for `pixels` to patchify
+    where the model is."""
     rng = random.Random(seed * 1_000_003 + index)
     seconds = rng.randint(*seconds)
     pixels, grids, rows_of_clips, asked = [], [], [], []
     for c in range(clips):
         scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain)
         frames = clip_frames(scene, rng.random() < h264_share)
-        pv, grid = hf.video_pixels(processor, frames)
+        if frames_only:
+            pv, grid = torch.from_numpy(frames), video_grid(processor, frames.shape)
+        else:
+            pv, grid = hf.video_pixels(processor, frames)
         g = int(grid[0, 1]) // 2  # merged grid side
         qas = tinyshapes.pick_questions(scene, rng, per_clip, kinds)
         if not qas:
@@ -151,9 +157,26 @@ def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, voca
                 target_kinds.append(asked[q][1].kind)
                 question_of.append(q)
             q += 1
-    return dict(pixel_values=torch.cat(pixels), grid_thw=torch.cat(grids), clip_of=list(range(len(rows_of_clips))), ids=ids,
+    video = dict(frames=pixels) if frames_only else dict(pixel_values=torch.cat(pixels))
+    return dict(**video, grid_thw=torch.cat(grids), clip_of=list(range(len(rows_of_clips))), ids=ids,
                 parts=parts, pos=pos, rows=torch.tensor(rows), cols=torch.tensor(cols), targets=torch.tensor(targets),
                 kinds=target_kinds, question_of=torch.tensor(question_of), asked=asked, seconds=seconds)
+
+
+def video_grid(processor, shape: tuple[int, ...]) -> torch.Tensor:
+    """grid_thw [1, 3] the video processor gives uint8 frames of `shape` [N, H, W, 3] (no resizing):
+    temporal patches (the last frame repeated to fill one), then patch rows and columns."""
+    vp = processor.video_processor
+    n, h, w = shape[:3]
+    return torch.tensor([[-(-n // vp.temporal_patch_size), h // vp.patch_size, w // vp.patch_size]])
+
+
+def pixels(batch: dict, processor, device) -> torch.Tensor:
+    """The batch's pixel values on `device`: made by the batch's worker, or here from its uint8 frames
+    (`make_batch(frames_only=True)`: the processor runs on `device`, e.g. the training GPU)."""
+    if "pixel_values" in batch:
+        return batch["pixel_values"].to(device)
+    return torch.cat([hf.video_pixels(processor, f.to(device, non_blocking=True), device)[0] for f in batch["frames"]])
 
 
 # questions no text prior answers: the model has to look. "shape" asks for the shape of a colour: its
@@ -187,9 +210,10 @@ class Batches(torch.utils.data.Dataset):
 
     def __init__(self, seed: int, count: int, clips: int, per_clip: int, tokenizer_dir: Path, *, held_out: bool = False,
                  seconds: tuple[int, int] = tinyshapes.SECONDS, ramp: float = 0.0, first: float = 0.0,
-                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE):
+                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, frames_only: bool = False):
         self.seed, self.count, self.clips, self.per_clip, self.tokenizer_dir = seed, count, clips, per_clip, str(tokenizer_dir)
         self.held_out, self.seconds, self.ramp, self.first, self.kinds, self.size = held_out, seconds, ramp, first, kinds, size
+        self.frames_only = frames_only
         self.processor = self.vocab = None
 
     def __len__(self):
@@ -203,16 +227,17 @@ class Batches(torch.utils.data.Dataset):
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
         lengths, kinds, plain = curriculum(index, self.count, self.seconds, self.ramp, self.first, self.kinds)
         return make_batch(self.seed, index, self.clips, self.per_clip, self.processor, self.vocab, held_out=self.held_out,
-                          seconds=lengths, kinds=kinds, size=self.size, plain=plain)
+                          seconds=lengths, kinds=kinds, size=self.size, plain=plain, frames_only=self.frames_only)
 
 
 def _one_thread(_worker: int) -> None:
     torch.set_num_threads(1)  # batch makers share the machine's cores; the trainer keeps its own threads
 
 
-def step_logits(model, batch, device):
+def step_logits(model, batch, device, processor=None):
+    """Logits at every answer token of the batch; `processor` patchifies batches of frames (`pixels`)."""
     return hf.batch_logits(model, batch["ids"].to(device), part_mask(batch["parts"].to(device)), batch["pos"].to(device),
-                           batch["pixel_values"].to(device), batch["grid_thw"].to(device), batch["clip_of"],
+                           pixels(batch, processor, device), batch["grid_thw"].to(device), batch["clip_of"],
                            batch["rows"].to(device), batch["cols"].to(device))
 
 
@@ -239,12 +264,12 @@ def tally(table: dict[str, list[int]], key: str, right: int, asked: int) -> None
     row[1] += asked
 
 
-def evaluate(model, loader, device, bf16: bool = False) -> dict:
+def evaluate(model, loader, device, bf16: bool = False, processor=None) -> dict:
     model.eval()
     table: dict[str, list[int]] = {}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16 and device.type == "cuda"):
         for batch in loader:
-            for kind, (ok, n) in answers_right(step_logits(model, batch, device), batch).items():
+            for kind, (ok, n) in answers_right(step_logits(model, batch, device, processor), batch).items():
                 for key in [kind] if kind != "all" else ["all", f"all, clips of {batch['seconds']} s"]:
                     tally(table, key, ok, n)
     model.train()
@@ -319,11 +344,15 @@ def main(argv=None) -> int:
     params = sum(p.numel() for p in model.parameters())
     print(f"tiny-shapes: {params / 1e6:.2f} M parameters, training on {device}", file=sys.stderr)
 
+    # on a GPU the workers send uint8 frames and the processor patchifies there: a quarter of the bytes
+    # through the workers' queues, and the workers' share of making a 96 s clip about halved (CPU)
+    on_gpu = device.type == "cuda"
+
     def loader(count, held_out, workers):
         data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out=held_out,
                        seconds=seconds, ramp=0.0 if held_out else args.ramp, first=0.0 if held_out else args.first,
-                       kinds=kinds, size=args.size)
-        return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                       kinds=kinds, size=args.size, frames_only=on_gpu)
+        return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=on_gpu,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
@@ -346,7 +375,7 @@ def main(argv=None) -> int:
         for group in opt.param_groups:
             group["lr"] = lr_at(step)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16 and device.type == "cuda"):
-            logits = step_logits(model, batch, device)
+            logits = step_logits(model, batch, device, processor)
         loss = torch.nn.functional.cross_entropy(logits.float(), batch["targets"].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -366,7 +395,7 @@ def main(argv=None) -> int:
         if args.minutes is not None and time.monotonic() - start > args.minutes * 60:
             break
     wall = time.monotonic() - start
-    accuracy = evaluate(model, loader(args.eval_batches, True, min(args.workers, args.eval_batches)), device, args.bf16)
+    accuracy = evaluate(model, loader(args.eval_batches, True, min(args.workers, args.eval_batches)), device, args.bf16, processor)
     print(json.dumps(accuracy), file=sys.stderr)
 
     model.to(dtype=torch.bfloat16, device="cpu").save_pretrained(out)

@@ -54,3 +54,21 @@ def test_folded_short_block_attention_matches_float32(dtype, heads, kv_heads, qu
     want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ vr
     err = (out.float().transpose(1, 2) - want).norm() / want.norm()
     assert err < 1e-2, err
+
+
+def test_training_patchifies_frames_on_the_gpu_as_the_workers_do():
+    """`streamchat.train` on a GPU: batch workers send uint8 frames and the processor runs on the GPU;
+    the pixel values must be the workers' CPU ones (float32 normalisation, rounding at most)."""
+    import tempfile
+    from pathlib import Path
+
+    from streamchat import tinyshapes, train
+    from streamchat.layout import Vocab
+
+    _, processor = tinyshapes.new_model_and_processor(0, Path(tempfile.mkdtemp()))
+    vocab = Vocab(processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
+    made = train.make_batch(4, 1, 2, 3, processor, vocab, seconds=(2, 3))
+    sent = train.make_batch(4, 1, 2, 3, processor, vocab, seconds=(2, 3), frames_only=True)
+    got = train.pixels(sent, processor, torch.device("cuda"))
+    assert got.is_cuda and got.shape == made["pixel_values"].shape
+    torch.testing.assert_close(got.cpu(), made["pixel_values"], rtol=1e-6, atol=1e-6)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from streamchat import models, tiny, tinyshapes, train
+from streamchat import hf, models, tiny, tinyshapes, train
 from streamchat.fingerprint import config_fingerprint
 from streamchat.layout import Vocab
 from streamchat.questions import QA, questions
@@ -95,6 +95,22 @@ def test_the_packed_forward_is_the_models_own_forward_on_each_prompt(fresh):
             torch.testing.assert_close(got[rows], out.logits[0, start - 1 : len(ids) - 1], rtol=1e-4, atol=1e-5)
         other = dict(batch, pixel_values=batch["pixel_values"].flip(0))
         assert (train.step_logits(model, other, torch.device("cpu")) - got).abs().max() > 1e-3
+
+
+def test_frames_patchified_where_the_model_is_are_the_workers_pixels(fresh):
+    """On a GPU the batch workers send uint8 frames and the trainer runs the processor on the GPU:
+    the same grid and pixel values as a worker's processor (here both on the CPU), so the same logits."""
+    model, processor, vocab = fresh
+    made = train.make_batch(4, 1, 2, 3, processor, vocab, seconds=(2, 3))
+    sent = train.make_batch(4, 1, 2, 3, processor, vocab, seconds=(2, 3), frames_only=True)
+    assert "pixel_values" not in sent and all(f.dtype == torch.uint8 and f.shape[-1] == 3 for f in sent["frames"])
+    assert torch.equal(sent["grid_thw"], made["grid_thw"])
+    assert torch.equal(train.pixels(sent, processor, torch.device("cpu")), made["pixel_values"])
+    odd = train.video_grid(processor, (5, 56, 84, 3))  # an odd frame count fills its last temporal patch
+    assert odd.tolist() == hf.video_pixels(processor, torch.zeros(5, 56, 84, 3, dtype=torch.uint8))[1].tolist() == [[3, 4, 6]]
+    with torch.no_grad():
+        torch.testing.assert_close(train.step_logits(model, sent, torch.device("cpu"), processor),
+                                   train.step_logits(model, made, torch.device("cpu")), rtol=0, atol=0)
 
 
 def test_pack_shares_the_common_prefix_and_keeps_each_answers_cue_in_its_own_part():
