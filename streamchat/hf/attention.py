@@ -26,7 +26,7 @@ SPLIT_ON_CPU = False  # tests turn the split on for the CPU, where it runs in pl
 # flash call on [1, H_kv, G*L, D] (no plans to build, unlike cuDNN), the block itself through the
 # causal call, merged by log-sum-exp as for long appends. H200: 7B TTFT at 115k tokens 18.6 -> 15.1 ms;
 # the 32B's cache still costs 3.2x its bytes (each block of G*L rows re-reads the keys it splits over).
-FOLD_MIN_PREFIX = 2048  # below this the cache is cheap to read G times; not worth the extra kernels
+FOLD_MIN_PREFIX = 2048  # below this, reading the cache G times costs less than the fold's extra kernels (estimated, not measured)
 
 
 def _split_applies(query, prefix: int) -> bool:
