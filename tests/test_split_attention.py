@@ -73,9 +73,9 @@ def test_fold_applies_only_to_short_blocks_with_grouped_heads_on_a_long_cache(mo
     assert not attention._fold_applies(q, k)
 
 
-def test_streaming_with_folded_short_blocks_matches_offline(tiny, clip_24fps, monkeypatch):
-    """Chunks and the question are short blocks on a cache past FOLD_MIN_PREFIX (here 40 tokens): the
-    cache part of their attention goes through the folded call, and the stream still equals offline."""
+def _stream_counting_splits(tiny, clip, monkeypatch, **settings) -> list[tuple[int, int, int, bool]]:
+    """Stream the clip against offline with `attention` settings patched (split or fold thresholds, on
+    the CPU); assert equal answers and return every `_split_attention` call: (queries, keys, prefix, flash)."""
     calls = []
     real = attention._split_attention
 
@@ -83,40 +83,32 @@ def test_streaming_with_folded_short_blocks_matches_offline(tiny, clip_24fps, mo
         calls.append((query.shape[2], key.shape[2], prefix, flash))
         return real(query, key, value, prefix, scale, flash)
 
-    monkeypatch.setattr(attention, "FOLD_MIN_PREFIX", 40)
-    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
-    monkeypatch.setattr(attention, "_split_attention", counted)
+    for name, value in {**settings, "SPLIT_ON_CPU": True, "_split_attention": counted}.items():
+        monkeypatch.setattr(attention, name, value)
     config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
-    report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
+    report = run_compare(tiny, VideoSource(clip, config.sampling), config, "What is moving?")
     assert report["match"]["identical"] is True
     assert report["match"]["max_logit_diff"] <= 1e-4
-    folded = [c for c in calls if c[3]]
-    assert folded and len(folded) == len(calls)
-    assert all(prefix == kv - q >= 40 for q, kv, prefix, _ in folded)  # the whole cache before the block
-    assert any(q > 1 and q < 32 for q, _, _, _ in folded)  # the question, not only the chunks
+    return calls
+
+
+def test_streaming_with_folded_short_blocks_matches_offline(tiny, clip_24fps, monkeypatch):
+    """Chunks and the question are short blocks on a cache past FOLD_MIN_PREFIX (here 40 tokens): the
+    cache part of their attention goes through the folded call, and the stream still equals offline."""
+    calls = _stream_counting_splits(tiny, clip_24fps, monkeypatch, FOLD_MIN_PREFIX=40)
+    assert calls and all(flash for *_, flash in calls)
+    assert all(prefix == kv - q >= 40 for q, kv, prefix, _ in calls)  # the whole cache before the block
+    assert any(1 < q < 32 for q, _, _, _ in calls)  # the question, not only the chunks
 
 
 def test_streaming_with_split_attention_matches_offline(tiny, clip_24fps, monkeypatch):
     """Blocks of 32 tokens and appends of 16+ tokens: every chunk after the first and the question split."""
-    calls = []
-    real = attention._split_attention
-
-    def counted(query, key, value, prefix, scale):
-        calls.append((query.shape[2], key.shape[2], prefix))
-        return real(query, key, value, prefix, scale)
-
-    monkeypatch.setattr(attention, "PREFIX_BLOCK", 32)
-    monkeypatch.setattr(attention, "SPLIT_MIN_QUERIES", 16)
-    monkeypatch.setattr(attention, "SPLIT_ON_CPU", True)
-    monkeypatch.setattr(attention, "_split_attention", counted)
-    config = SessionConfig(model="tiny-random", sampling=Sampling(fps=24.0, max_frames=31), chunk_frames=4, max_new_tokens=12)
-    report = run_compare(tiny, VideoSource(clip_24fps, config.sampling), config, "What is moving?")
-    assert report["match"]["identical"] is True
-    assert report["match"]["max_logit_diff"] <= 1e-4
+    calls = _stream_counting_splits(tiny, clip_24fps, monkeypatch, PREFIX_BLOCK=32, SPLIT_MIN_QUERIES=16)
     layers = hf.text_config(tiny.model).num_hidden_layers
     assert len(calls) >= 7 * layers  # chunks 2..8 at least
-    assert {prefix % 32 for _, _, prefix in calls} == {0}
-    assert all(kv - q - prefix < 32 for q, kv, prefix in calls)  # the tail is less than one block
+    assert not any(flash for *_, flash in calls)
+    assert {prefix % 32 for _, _, prefix, _ in calls} == {0}
+    assert all(kv - q - prefix < 32 for q, kv, prefix, _ in calls)  # the tail is less than one block
 
 
 def test_padded_vision_mlp_is_the_same_function(tiny):
