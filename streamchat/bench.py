@@ -383,10 +383,18 @@ def run_bench(loaded, s: BenchSettings, on_chunk: Callable[[int], None] | None =
         from .offline import answer_offline
 
         clips = [video.read(seg.frames) for seg in last.prompt if isinstance(seg, VideoSeg)]
-        t0 = now()
-        for frames in clips:
-            hf.video_pixels(loaded.processor, frames)  # the host patchify answer_offline does inside its prefill
-        offline_prep_s = now() - t0
+
+        def patchify_s() -> float:  # the host patchify answer_offline does inside its prefill
+            t0 = now()
+            for frames in clips:
+                hf.video_pixels(loaded.processor, frames)
+            return now() - t0
+
+        # subtracted from a prefill timed once: the fastest of three where it is short (a busy host
+        # made a tiny model's one-off figure exceed its whole prefill), once where it takes seconds
+        offline_prep_s = patchify_s()
+        if offline_prep_s < 0.3:
+            offline_prep_s = min(offline_prep_s, patchify_s(), patchify_s())
         del clips
 
         def stock(prompt, new):
