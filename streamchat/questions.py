@@ -11,7 +11,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
-from .scenes import Scene, clock
+from .scenes import Scene
 
 MARGIN_S = 0.5  # nothing the question is about changes this close to the moment it names
 
@@ -38,12 +38,12 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
         if moments:
             t = rng.choice(moments)
             named.append((shape, t))
-            out.append(QA("colour", f"What colour is the {shape.kind} at {clock(t)}?", shape.colour_at(t), float(t)))
+            out.append(QA("colour", f"What colour is the {shape.kind} at {scene.clock_at(t)}?", shape.colour_at(t), float(t)))
     for shape, t in named:
         colour = shape.colour_at(t)
         if not any(colour in (o.colour_at(t - MARGIN_S), o.colour_at(t), o.colour_at(t + MARGIN_S))
                    for o in scene.shapes if o is not shape):  # no other shape has that colour then
-            out.append(QA("shape", f"Which shape is {colour} at {clock(t)}?", shape.kind, float(t)))
+            out.append(QA("shape", f"Which shape is {colour} at {scene.clock_at(t)}?", shape.kind, float(t)))
     if len(scene.words) == 1:
         out.append(QA("word", "What word was shown?", scene.words[0].text))
     for shape in scene.shapes:
@@ -60,7 +60,7 @@ def questions(scene: Scene, seed: int = 0) -> list[QA]:
               and all(abs(t - a) > MARGIN_S for a in appear)]
     if counts:
         t = rng.choice(counts)
-        out.append(QA("count", f"How many shapes are on screen at {clock(t)}?", str(len(scene.visible(t))), float(t)))
+        out.append(QA("count", f"How many shapes are on screen at {scene.clock_at(t)}?", str(len(scene.visible(t))), float(t)))
     return out
 
 

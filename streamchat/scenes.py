@@ -4,7 +4,9 @@ A Scene is the ground truth itself (JSON-able dataclasses); every frame is rende
 the ground truth says is where, when, is what the pixels show. Each shape keeps its own lane (a
 horizontal band), so shapes never cover one another; words appear in a caption strip at the bottom,
 below the lanes. A clock strip at the top shows the whole seconds as the questions name them
-("00:12"): a model as small as `tiny-shapes` reads the moment a question names from the frame.
+("00:12"): a model as small as `tiny-shapes` reads the moment a question names from the frame. The
+clock starts at `clock_start` (0 unless training asks for a late one), and questions name a moment by
+the clock's reading, so a long stream's minutes can be shown to a model trained on short clips.
 """
 
 from __future__ import annotations
@@ -83,6 +85,11 @@ class Scene:
     flashes: list[Flash] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
     clock: bool = False  # a strip at the top shows mm:ss (whole seconds)
+    clock_start: int = 0  # the clock's reading at t = 0, in whole seconds
+
+    def clock_at(self, t: float) -> str:
+        """What the clock shows at second t ("05:12"), and how questions name that moment."""
+        return clock(self.clock_start + int(t))
 
     # --- ground truth, derived --------------------------------------------------------------
 
@@ -168,7 +175,7 @@ class Scene:
         if word is not None:
             _draw_text(img, word, int(self.height * (1 - CAPTION)), self.height)
         if self.clock:
-            _draw_text(img, clock(t), 0, int(self.height * CLOCK))
+            _draw_text(img, self.clock_at(t), 0, int(self.height * CLOCK))
         return img
 
     def frames(self, fps: float) -> Iterator[np.ndarray]:

@@ -83,16 +83,21 @@ def scene_seed(seed: int, n: int, held_out: bool) -> int:
     return HELD_OUT + n * 1009 + seed if held_out else (n * 1009 + seed) % HELD_OUT
 
 
-def training_scene(seed: int, seconds: int | None = None, size: int = SIZE, plain: bool = False) -> Scene:
+def training_scene(seed: int, seconds: int | None = None, size: int = SIZE, plain: bool = False,
+                   late_clocks: float = 0.0) -> Scene:
     """The clip of training example `seed` (held-out sets use seeds training never draws), size x size
     pixels. `plain`: the first stage's clips, where what to look for is on screen the whole time: every
-    shape from the start, still and in one colour, no flashes, the word shown from start to end."""
+    shape from the start, still and in one colour, no flashes, the word shown from start to end.
+    `late_clocks`: the share of clips whose clock starts at a random minute (1 to 58) instead of 00:00,
+    so the clock a long stream shows late (05:12) is no stranger than the caption."""
     rng = random.Random(seed * 7919 + 17)
     if seconds is None:
         seconds = rng.randint(*SECONDS)
     flashes, changes = rng.randint(0, 5), rng.randint(0, 2)
     scene = generate(seed, seconds=float(seconds), width=size, height=size, shapes=rng.choice((2, 3, 3)),
                      flashes=0 if plain else flashes, words=1, colour_changes=0 if plain else changes)
+    if late_clocks > 0 and rng.random() < late_clocks:  # drawn last: clips without late clocks stay as they were
+        scene = dataclasses.replace(scene, clock_start=rng.randrange(1, 59) * 60 + rng.randrange(60))
     if not plain:
         return scene
     shapes = [dataclasses.replace(s, appear_s=0.0, vx=0.0, vy=0.0, colours=[(0.0, s.colours[0][1])]) for s in scene.shapes]

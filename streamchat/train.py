@@ -109,17 +109,18 @@ def part_mask(parts: torch.Tensor) -> torch.Tensor:
 def make_batch(seed: int, index: int, clips: int, per_clip: int, processor, vocab: Vocab, h264_share: float = 0.5,
                held_out: bool = False, seconds: tuple[int, int] = tinyshapes.SECONDS,
                kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, plain: bool = False,
-               frames_only: bool = False) -> dict:
+               frames_only: bool = False, late_clocks: float = 0.0) -> dict:
     """Batch `index` of the run seeded `seed`, of clips `seconds` long (a range), `plain` ones
     (tinyshapes.training_scene) in the first stage: tensors on the CPU. One row per clip: its
     questions' prompts packed over one copy of the video (`pack`). `frames_only`: each clip's uint8
     frames (`frames`, a quarter of the bytes) instead of its pixel values, for `pixels` to patchify
-    where the model is."""
+    where the model is. `late_clocks`: the share of clips whose clock starts late (training_scene)."""
     rng = random.Random(seed * 1_000_003 + index)
     seconds = rng.randint(*seconds)
     pixels, grids, rows_of_clips, asked = [], [], [], []
     for c in range(clips):
-        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain)
+        scene = tinyshapes.training_scene(tinyshapes.scene_seed(seed, index * clips + c, held_out), seconds, size, plain,
+                                          late_clocks)
         frames = clip_frames(scene, rng.random() < h264_share)
         if frames_only:
             pv, grid = torch.from_numpy(frames), video_grid(processor, frames.shape)
@@ -210,10 +211,11 @@ class Batches(torch.utils.data.Dataset):
 
     def __init__(self, seed: int, count: int, clips: int, per_clip: int, tokenizer_dir: Path, *, held_out: bool = False,
                  seconds: tuple[int, int] = tinyshapes.SECONDS, ramp: float = 0.0, first: float = 0.0,
-                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, frames_only: bool = False):
+                 kinds: tuple[str, ...] = tinyshapes.QUESTION_KINDS, size: int = tinyshapes.SIZE, frames_only: bool = False,
+                 late_clocks: float = 0.0):
         self.seed, self.count, self.clips, self.per_clip, self.tokenizer_dir = seed, count, clips, per_clip, str(tokenizer_dir)
         self.held_out, self.seconds, self.ramp, self.first, self.kinds, self.size = held_out, seconds, ramp, first, kinds, size
-        self.frames_only = frames_only
+        self.frames_only, self.late_clocks = frames_only, late_clocks
         self.processor = self.vocab = None
 
     def __len__(self):
@@ -227,7 +229,8 @@ class Batches(torch.utils.data.Dataset):
             self.vocab = Vocab(self.processor.tokenizer, tinyshapes.SYSTEM_PROMPT)
         lengths, kinds, plain = curriculum(index, self.count, self.seconds, self.ramp, self.first, self.kinds)
         return make_batch(self.seed, index, self.clips, self.per_clip, self.processor, self.vocab, held_out=self.held_out,
-                          seconds=lengths, kinds=kinds, size=self.size, plain=plain, frames_only=self.frames_only)
+                          seconds=lengths, kinds=kinds, size=self.size, plain=plain, frames_only=self.frames_only,
+                          late_clocks=self.late_clocks)
 
 
 def _one_thread(_worker: int) -> None:
@@ -298,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the steps first spent on plain MIN-second clips (every shape and the word on screen all the time) with word, colour and shape questions only")
     p.add_argument("--ramp", type=float, default=0.3,
                    help="share of the steps, after --first, over which the longest clip grows from MIN to MAX (0: at once)")
+    p.add_argument("--late-clocks", type=float, default=0.0,
+                   help="share of clips (held-out ones too) whose clock starts at a random minute, 01:00 to 58:59, not 00:00: "
+                        "the minutes a long stream's clock reaches, without long clips")
     p.add_argument("--report", type=int, default=100, help="print the loss and answers right every this many steps")
     p.add_argument("--size", type=int, default=tinyshapes.SIZE, help="frame width and height in pixels (a multiple of 28)")
     p.add_argument("--kinds", default=",".join(tinyshapes.QUESTION_KINDS), help="question kinds to train on")
@@ -318,6 +324,8 @@ def main(argv=None) -> int:
         p.error(f"--seconds {args.seconds}: give MIN,MAX whole seconds with 2 <= MIN <= MAX, e.g. 2,24")
     if problem := tinyshapes.size_problem(args.size):
         p.error(f"--size: {problem}")
+    if not 0.0 <= args.late_clocks <= 1.0:
+        p.error(f"--late-clocks {args.late_clocks}: give a share from 0 to 1, e.g. 0.5")
     kinds = tuple(args.kinds.split(","))
     if not set(kinds) <= set(tinyshapes.QUESTION_KINDS):
         p.error(f"--kinds {args.kinds}: each must be one of {', '.join(tinyshapes.QUESTION_KINDS)}")
@@ -351,7 +359,7 @@ def main(argv=None) -> int:
     def loader(count, held_out, workers):
         data = Batches(args.seed + (1 if held_out else 0), count, args.clips, args.questions, tok_dir, held_out=held_out,
                        seconds=seconds, ramp=0.0 if held_out else args.ramp, first=0.0 if held_out else args.first,
-                       kinds=kinds, size=args.size, frames_only=on_gpu)
+                       kinds=kinds, size=args.size, frames_only=on_gpu, late_clocks=args.late_clocks)
         return torch.utils.data.DataLoader(data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=on_gpu,
                                            prefetch_factor=4 if workers else None, worker_init_fn=_one_thread)
 

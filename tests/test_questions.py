@@ -2,8 +2,8 @@
 
 import pytest
 
-from streamchat.questions import QA, accuracy, clock, exact_match, normalise, questions
-from streamchat.scenes import Flash, Scene, Shape, Word, generate
+from streamchat.questions import QA, accuracy, exact_match, normalise, questions
+from streamchat.scenes import Flash, Scene, Shape, Word, clock, generate
 
 
 def hand_scene() -> Scene:

@@ -132,3 +132,25 @@ def test_the_clock_strip_shows_whole_seconds_above_the_lanes():
     plain = Scene.from_json({**scene.to_json(), "clock": False})
     assert plain._lane(0)[0] == 0.0  # without a clock the lanes take the top rows
     assert Scene.from_json({k: v for k, v in scene.to_json().items() if k != "clock"}).clock is False  # older ground truth
+
+
+def test_a_late_clock_shows_its_own_minutes_and_questions_name_moments_by_it():
+    import dataclasses
+
+    from streamchat.questions import questions
+    from streamchat.scenes import CLOCK
+
+    scene = generate(5, seconds=20.0)
+    late = dataclasses.replace(scene, clock_start=5 * 60 + 50)
+    strip = int(scene.height * CLOCK)
+    assert late.clock_at(12.7) == "06:02" and scene.clock_at(12.7) == "00:12"  # 350 s + 12 s
+    assert np.array_equal(late.frame(3.0)[strip:], scene.frame(3.0)[strip:])  # only the strip differs ...
+    assert not np.array_equal(late.frame(3.0)[:strip], scene.frame(3.0)[:strip])
+    at_zero = dataclasses.replace(scene, clock_start=3)
+    assert np.array_equal(at_zero.frame(0.0)[:strip], scene.frame(3.0)[:strip])  # ... and it shows the clock's reading
+    timed = [(a, b) for a, b in zip(questions(scene), questions(late)) if a.at_s is not None]
+    assert timed and all(a.answer == b.answer and a.at_s == b.at_s for a, b in timed)
+    for a, b in timed:  # the same moment, named by what each clock shows then
+        m = int(a.at_s) + 350
+        assert b.question == a.question.replace(f"00:{int(a.at_s):02d}", f"{m // 60:02d}:{m % 60:02d}")
+    assert Scene.from_json(late.to_json()) == late and Scene.from_json(scene.to_json()).clock_start == 0

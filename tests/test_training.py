@@ -6,6 +6,7 @@ any accuracy; one runs two optimizer steps to check the command end to end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -167,6 +168,20 @@ def test_plain_scenes_show_everything_the_whole_time():
     assert any(tinyshapes.training_scene(seed, 8).flashes for seed in range(20))
 
 
+def test_late_clocks_start_some_clips_clocks_at_a_random_minute_and_change_nothing_else(fresh):
+    _, processor, vocab = fresh
+    scenes = [tinyshapes.training_scene(seed, 6) for seed in range(40)]
+    late = [tinyshapes.training_scene(seed, 6, late_clocks=0.5) for seed in range(40)]
+    assert all(s.clock_start == 0 for s in scenes)
+    starts = [s.clock_start for s in late]
+    assert 10 < sum(x > 0 for x in starts) < 30 and all(x == 0 or 60 <= x < 59 * 60 for x in starts)
+    assert all(dataclasses.replace(b, clock_start=0) == a for a, b in zip(scenes, late))
+    assert all(s.clock_start >= 60 for s in (tinyshapes.training_scene(seed, 6, late_clocks=1.0) for seed in range(10)))
+    timed = [qa.question for _, qa in train.make_batch(0, 3, 3, 6, processor, vocab, seconds=(6, 6), late_clocks=1.0)["asked"]
+             if qa.at_s is not None]
+    assert timed and not any(" at 00:" in q for q in timed)  # the batches' questions name the late clocks' minutes
+
+
 def test_the_h264_round_trip_keeps_the_picture():
     frames = frames_of(tinyshapes.training_scene(4, 2))
     back = train.roundtrip(frames)
@@ -218,6 +233,7 @@ def test_the_command_writes_a_checkpoint_that_loads_as_a_local_directory(tmp_pat
     (["--seconds", "9,4"], "--seconds 9,4: give MIN,MAX"),
     (["--kinds", "word,weather"], "--kinds word,weather: each must be one of"),
     (["--clips", "x"], "--clips: invalid int value"),
+    (["--late-clocks", "1.5"], "--late-clocks 1.5: give a share from 0 to 1"),
 ])
 def test_bad_settings_are_one_line_and_exit_2(tmp_path, capsys, args, says):
     with pytest.raises(SystemExit) as exit_:
@@ -275,5 +291,6 @@ def test_the_shipped_checkpoints_script_runs_five_stages_this_parser_takes():
         outs.append(args.out)
     assert outs[-1] == "$DIR/tiny-shapes"
     shipped = json.loads((Path(models.checkpoint_source("tiny-shapes")) / "training.json").read_text())
+    defaults = vars(train.build_parser().parse_args(["--out", "x"]))  # options added since ran at their defaults
     assert {k: v for k, v in vars(args).items() if k not in ("out", "init", "device")} == \
-        {k: v for k, v in shipped["settings"].items() if k not in ("out", "init", "device")}
+        {k: v for k, v in {**defaults, **shipped["settings"]}.items() if k not in ("out", "init", "device")}
